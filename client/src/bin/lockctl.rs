@@ -1,0 +1,715 @@
+//! `lockctl`: command-line client for lockd.
+//!
+//! Errors print one `Error: ...` line to stderr; the exit code is 1 for
+//! server-side, network and not-found errors and 2 for usage and parse errors.
+
+#[path = "lockctl/txn.rs"]
+mod txn;
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use lockd_client::proto::{self, op, op_result};
+use std::time::Duration;
+
+use lockd_client::{Client, ClientOptions, Error};
+use serde_json::{json, Value};
+
+const TXN_HELP: &str = r#"Run a transaction read from stdin.
+
+The spec is line based. Compares come first (all must hold), then a `then`
+line and the ops run when they hold, then optionally an `else` line and the
+ops run otherwise:
+
+  # compares (all must hold), one per line
+  if version /config = 3
+  if exists /lock
+  if !exists /lock              (same as: if exists /lock = false)
+  if value /mode = "on"
+  if create_revision /a > 10
+  if mod_revision /a != 7
+  then
+  put /config "new value"
+  create /x "v"
+  del /old
+  get /config
+  else
+  get /config
+
+Compare targets: version, create_revision, mod_revision (numbers), value
+(bytes), exists (true/false). Operators: =, !=, <, > (exists: = and != only).
+Ops: put PATH VALUE [--parents], create PATH VALUE [--parents],
+del PATH [--recursive], get PATH. A VALUE is a bare word or a double-quoted
+string with \" and \\ escapes. Blank lines and `#` comments are ignored.
+
+Output: SUCCESS or FAILURE, then one line per op of the branch that ran
+(`put PATH OK`, `create PATH OK`, `del PATH N`, `get PATH VALUE`); with
+-o json an object {succeeded, revision, results: [...]}.
+Parse errors print `Error: txn line N: ...` and exit with status 2."#;
+
+#[derive(Parser, Debug)]
+#[command(name = "lockctl", version, about = "Command-line client for lockd")]
+struct Cli {
+    /// Comma-separated member endpoints (host:port).
+    #[arg(
+        long,
+        global = true,
+        env = "LOCKD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7001"
+    )]
+    endpoints: Vec<String>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Timeout of one request attempt, in seconds.
+    #[arg(long, global = true, default_value_t = 10.0, value_parser = parse_secs)]
+    timeout: f64,
+    /// How long to keep retrying on other endpoints, in seconds.
+    #[arg(long, global = true, default_value_t = 15.0, value_parser = parse_secs)]
+    retry_budget: f64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create or overwrite KEY with VALUE.
+    Put {
+        /// Absolute path, e.g. /config.
+        key: String,
+        /// Value (taken as UTF-8 bytes).
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+        /// Fail unless the node has exactly this version (0: must not exist).
+        #[arg(long)]
+        expected_version: Option<u64>,
+        /// Create missing parent nodes.
+        #[arg(long)]
+        parents: bool,
+    },
+    /// Print the value of KEY.
+    Get {
+        /// Absolute path.
+        key: String,
+        /// Read the contacted member's local state (may be stale).
+        #[arg(long)]
+        serializable: bool,
+    },
+    /// Create KEY with VALUE; fails if it exists.
+    Create {
+        /// Absolute path.
+        key: String,
+        /// Value (taken as UTF-8 bytes).
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+        /// Create missing parent nodes.
+        #[arg(long)]
+        parents: bool,
+    },
+    /// Delete KEY; prints the number of nodes deleted.
+    #[command(alias = "delete")]
+    Del {
+        /// Absolute path.
+        key: String,
+        /// Delete the whole subtree.
+        #[arg(long)]
+        recursive: bool,
+        /// Fail unless the node has exactly this version.
+        #[arg(long)]
+        expected_version: Option<u64>,
+    },
+    /// List the children of PATH.
+    Ls {
+        /// Absolute path.
+        path: String,
+        /// Read the contacted member's local state (may be stale).
+        #[arg(long)]
+        serializable: bool,
+    },
+    /// Run a transaction read from stdin (see --help for the format).
+    #[command(long_about = TXN_HELP)]
+    Txn,
+    /// Show the status of every endpoint.
+    Status,
+    /// Initialize a new cluster. MEMBER is ID=HOST:PORT; none means the
+    /// contacted member alone.
+    Init {
+        /// Initial voters as ID=HOST:PORT.
+        members: Vec<String>,
+    },
+    /// Membership commands.
+    Member {
+        #[command(subcommand)]
+        cmd: MemberCmd,
+    },
+    /// Leadership commands.
+    Leader {
+        #[command(subcommand)]
+        cmd: LeaderCmd,
+    },
+    /// Make the contacted member take a snapshot.
+    Snapshot,
+}
+
+#[derive(Subcommand, Debug)]
+enum MemberCmd {
+    /// List members.
+    List,
+    /// Add a member as a learner and wait until it has caught up.
+    Add {
+        /// Member id.
+        id: u64,
+        /// Member address (host:port).
+        addr: String,
+        /// Return without waiting for the learner to catch up.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Promote a learner to voter.
+    Promote {
+        /// Member id.
+        id: u64,
+    },
+    /// Remove a member.
+    Remove {
+        /// Member id.
+        id: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LeaderCmd {
+    /// Transfer leadership to voter ID.
+    Transfer {
+        /// Member id.
+        id: u64,
+    },
+}
+
+fn parse_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..1e9).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}' is not a number of seconds")),
+    }
+}
+
+/// How the process ends: exit code and optional error line.
+struct Fail {
+    code: u8,
+    msg: Option<String>,
+}
+
+impl Fail {
+    fn usage(msg: impl Into<String>) -> Self {
+        Fail {
+            code: 2,
+            msg: Some(msg.into()),
+        }
+    }
+    fn runtime(msg: impl Into<String>) -> Self {
+        Fail {
+            code: 1,
+            msg: Some(msg.into()),
+        }
+    }
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidEndpoint(_) | Error::InvalidArgument(_) => Fail::usage(e.to_string()),
+            e => Fail::runtime(e.to_string()),
+        }
+    }
+}
+
+/// Maps NOT_FOUND to the server's message (which names the path and, for a
+/// write, the missing parent), falling back to `PATH: not found`.
+fn not_found_on(path: &str) -> impl FnOnce(Error) -> Fail + '_ {
+    move |e| match e {
+        Error::NotFound(m) if !m.is_empty() => Fail::runtime(m),
+        Error::NotFound(_) => Fail::runtime(format!("{path}: not found")),
+        e => e.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    let _ = e.print();
+                    return ExitCode::SUCCESS;
+                }
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    let _ = e.print();
+                    return ExitCode::from(2);
+                }
+                _ => {
+                    let rendered = e.render().to_string();
+                    let head: Vec<&str> = rendered
+                        .lines()
+                        .take_while(|l| !l.trim().is_empty())
+                        .map(str::trim)
+                        .collect();
+                    let head = head.join(" ");
+                    let head = head.strip_prefix("error: ").unwrap_or(&head);
+                    eprintln!("Error: {head} (see lockctl --help)");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if let Some(m) = f.msg {
+                eprintln!("Error: {}", one_line(&m));
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn print_json(v: &Value) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("Error: cannot encode JSON: {e}"),
+    }
+}
+
+fn hex(data: &[u8]) -> String {
+    data.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn node_json(n: &proto::Node) -> Value {
+    let mut v = json!({
+        "path": n.path,
+        "version": n.version,
+        "create_revision": n.create_revision,
+        "mod_revision": n.mod_revision,
+        "num_children": n.num_children,
+    });
+    match std::str::from_utf8(&n.data) {
+        Ok(s) => v["value"] = json!(s),
+        Err(_) => v["value_hex"] = json!(hex(&n.data)),
+    }
+    v
+}
+
+fn opt_node_json(n: Option<&proto::Node>) -> Value {
+    n.map(node_json).unwrap_or(Value::Null)
+}
+
+fn revision(h: Option<&proto::ResponseHeader>) -> u64 {
+    h.map(|h| h.revision).unwrap_or(0)
+}
+
+fn role_name(role: i32) -> &'static str {
+    match proto::Role::try_from(role) {
+        Ok(proto::Role::Leader) => "leader",
+        Ok(proto::Role::Follower) => "follower",
+        Ok(proto::Role::Learner) => "learner",
+        Ok(proto::Role::Candidate) => "candidate",
+        Ok(proto::Role::Uninitialized) => "uninitialized",
+        _ => "unknown",
+    }
+}
+
+/// Prints rows as left-aligned columns separated by two spaces.
+fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0; cols];
+    for r in rows {
+        // The last cell of a row does not widen its column (error rows).
+        for (i, c) in r.iter().enumerate().take(r.len().saturating_sub(1)) {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    for r in rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(c);
+            } else {
+                line.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+fn members_out(out: Output, members: &[proto::Member]) {
+    if out == Output::Json {
+        let arr: Vec<Value> = members
+            .iter()
+            .map(|m| {
+                json!({"id": m.id, "addr": m.addr, "voter": m.voter,
+                       "type": if m.voter { "voter" } else { "learner" }})
+            })
+            .collect();
+        print_json(&Value::Array(arr));
+        return;
+    }
+    let mut rows = vec![vec!["ID".to_string(), "ADDR".into(), "TYPE".into()]];
+    for m in members {
+        rows.push(vec![
+            m.id.to_string(),
+            m.addr.clone(),
+            if m.voter { "voter" } else { "learner" }.into(),
+        ]);
+    }
+    print_table(&rows);
+}
+
+fn parse_member(s: &str) -> Result<proto::Member, Fail> {
+    let bad = || Fail::usage(format!("invalid member '{s}': expected ID=HOST:PORT"));
+    let (id, addr) = s.split_once('=').ok_or_else(bad)?;
+    let id = id.trim().parse::<u64>().map_err(|_| bad())?;
+    if addr.trim().is_empty() {
+        return Err(bad());
+    }
+    Ok(proto::Member {
+        id,
+        addr: addr.trim().to_string(),
+        voter: true,
+    })
+}
+
+async fn run(cli: Cli) -> Result<(), Fail> {
+    let endpoints: Vec<String> = cli
+        .endpoints
+        .iter()
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
+    let opts = ClientOptions {
+        request_timeout: Duration::from_secs_f64(cli.timeout),
+        retry_budget: Duration::from_secs_f64(cli.retry_budget),
+    };
+    let client = Client::connect_with(endpoints, opts)?;
+    let out = cli.output;
+    match cli.cmd {
+        Cmd::Put {
+            key,
+            value,
+            expected_version,
+            parents,
+        } => {
+            let r = client
+                .put_with(proto::PutRequest {
+                    path: key.clone(),
+                    data: value.into_bytes(),
+                    expected_version,
+                    parents,
+                })
+                .await
+                .map_err(not_found_on(&key))?;
+            if out == Output::Json {
+                print_json(&json!({"revision": revision(r.header.as_ref()),
+                    "created": r.created, "node": opt_node_json(r.node.as_ref())}));
+            } else {
+                println!("OK");
+            }
+        }
+        Cmd::Create {
+            key,
+            value,
+            parents,
+        } => {
+            let r = client
+                .create_with(proto::CreateRequest {
+                    path: key.clone(),
+                    data: value.into_bytes(),
+                    parents,
+                })
+                .await?;
+            if out == Output::Json {
+                print_json(&json!({"revision": revision(r.header.as_ref()),
+                    "node": opt_node_json(r.node.as_ref())}));
+            } else {
+                println!("OK");
+            }
+        }
+        Cmd::Get { key, serializable } => {
+            let r = client
+                .get_with(proto::GetRequest {
+                    path: key.clone(),
+                    serializable,
+                })
+                .await
+                .map_err(not_found_on(&key))?;
+            let Some(node) = r.node.as_ref() else {
+                return Err(Fail::runtime(format!("{key}: not found")));
+            };
+            if out == Output::Json {
+                print_json(&json!({"revision": revision(r.header.as_ref()),
+                    "node": node_json(node)}));
+            } else {
+                println!("{}", String::from_utf8_lossy(&node.data));
+            }
+        }
+        Cmd::Del {
+            key,
+            recursive,
+            expected_version,
+        } => {
+            let r = client
+                .delete_with(proto::DeleteRequest {
+                    path: key.clone(),
+                    expected_version,
+                    recursive,
+                })
+                .await
+                .map_err(not_found_on(&key))?;
+            if out == Output::Json {
+                print_json(&json!({"revision": revision(r.header.as_ref()),
+                    "deleted": r.deleted}));
+            } else {
+                println!("{}", r.deleted);
+            }
+        }
+        Cmd::Ls { path, serializable } => {
+            let r = client
+                .list_with(proto::ListRequest {
+                    path: path.clone(),
+                    serializable,
+                })
+                .await
+                .map_err(not_found_on(&path))?;
+            if out == Output::Json {
+                print_json(&Value::Array(r.children.iter().map(node_json).collect()));
+            } else {
+                for c in &r.children {
+                    let name = c.path.rsplit('/').next().unwrap_or(&c.path);
+                    println!("{name}");
+                }
+            }
+        }
+        Cmd::Txn => {
+            let mut spec = String::new();
+            std::io::stdin()
+                .read_to_string(&mut spec)
+                .map_err(|e| Fail::usage(format!("cannot read txn spec from stdin: {e}")))?;
+            let req = txn::parse(&spec).map_err(|e| Fail::usage(e.to_string()))?;
+            let r = client.txn(req.clone()).await?;
+            let ops = if r.succeeded {
+                &req.success
+            } else {
+                &req.failure
+            };
+            txn_out(out, &r, ops);
+        }
+        Cmd::Status => return status(&client, out).await,
+        Cmd::Init { members } => {
+            let members = members
+                .iter()
+                .map(|m| parse_member(m))
+                .collect::<Result<Vec<_>, _>>()?;
+            let r = client.cluster().initialize(members).await?;
+            if out == Output::Json {
+                print_json(&json!({"initialized": true,
+                    "cluster_id": r.header.as_ref().map(|h| h.cluster_id.clone()).unwrap_or_default()}));
+            } else {
+                println!("OK");
+            }
+        }
+        Cmd::Member { cmd } => {
+            let cluster = client.cluster();
+            let members = match cmd {
+                MemberCmd::List => cluster.status().await?.members,
+                MemberCmd::Add { id, addr, no_wait } => {
+                    cluster.add_learner(id, addr, !no_wait).await?.members
+                }
+                MemberCmd::Promote { id } => cluster.promote(id).await?.members,
+                MemberCmd::Remove { id } => cluster.remove_member(id).await?.members,
+            };
+            members_out(out, &members);
+        }
+        Cmd::Leader {
+            cmd: LeaderCmd::Transfer { id },
+        } => {
+            let r = client.cluster().transfer_leader(id).await?;
+            if out == Output::Json {
+                print_json(&json!({"leader_id": r.leader_id}));
+            } else {
+                println!("leader is now {}", r.leader_id);
+            }
+        }
+        Cmd::Snapshot => {
+            let r = client.cluster().snapshot().await?;
+            let member = r.header.as_ref().map(|h| h.member_id).unwrap_or(0);
+            if out == Output::Json {
+                print_json(&json!({"member_id": member, "snapshot_index": r.snapshot_index}));
+            } else {
+                println!("snapshot at index {} on member {member}", r.snapshot_index);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn txn_out(out: Output, r: &proto::TxnResponse, ops: &[proto::Op]) {
+    let mut lines = Vec::new();
+    let mut results = Vec::new();
+    for (i, res) in r.results.iter().enumerate() {
+        let path = match ops.get(i).and_then(|o| o.op.as_ref()) {
+            Some(op::Op::Put(p)) => p.path.clone(),
+            Some(op::Op::Create(c)) => c.path.clone(),
+            Some(op::Op::Delete(d)) => d.path.clone(),
+            Some(op::Op::Get(g)) => g.path.clone(),
+            None => String::new(),
+        };
+        match &res.result {
+            Some(op_result::Result::Put(p)) => {
+                lines.push(format!("put {path} OK"));
+                results.push(json!({"op": "put", "path": path, "created": p.created,
+                    "node": opt_node_json(p.node.as_ref())}));
+            }
+            Some(op_result::Result::Create(c)) => {
+                lines.push(format!("create {path} OK"));
+                results.push(json!({"op": "create", "path": path,
+                    "node": opt_node_json(c.node.as_ref())}));
+            }
+            Some(op_result::Result::Delete(d)) => {
+                lines.push(format!("del {path} {}", d.deleted));
+                results.push(json!({"op": "del", "path": path, "deleted": d.deleted}));
+            }
+            Some(op_result::Result::Get(g)) => {
+                match &g.node {
+                    Some(n) => {
+                        lines.push(format!("get {path} {}", String::from_utf8_lossy(&n.data)))
+                    }
+                    None => lines.push(format!("get {path} (not found)")),
+                }
+                results.push(json!({"op": "get", "path": path,
+                    "node": opt_node_json(g.node.as_ref())}));
+            }
+            None => {
+                lines.push(format!("? {path}"));
+                results.push(Value::Null);
+            }
+        }
+    }
+    if out == Output::Json {
+        print_json(&json!({"succeeded": r.succeeded,
+            "revision": revision(r.header.as_ref()), "results": results}));
+    } else {
+        println!("{}", if r.succeeded { "SUCCESS" } else { "FAILURE" });
+        for l in lines {
+            println!("{l}");
+        }
+    }
+}
+
+async fn status(client: &Client, out: Output) -> Result<(), Fail> {
+    let handles: Vec<_> = client
+        .endpoints()
+        .iter()
+        .map(|ep| {
+            let cluster = client.cluster();
+            let ep = ep.clone();
+            tokio::spawn(async move {
+                let r = cluster.status_of(&ep).await;
+                (ep, r)
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for h in handles {
+        match h.await {
+            Ok(r) => results.push(r),
+            Err(e) => return Err(Fail::runtime(format!("status task failed: {e}"))),
+        }
+    }
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .map(|(ep, _)| ep.as_str())
+        .collect();
+    if out == Output::Json {
+        let arr: Vec<Value> = results
+            .iter()
+            .map(|(ep, r)| match r {
+                Ok(s) => json!({
+                    "endpoint": ep,
+                    "id": s.id,
+                    "role": role_name(s.role),
+                    "leader": s.leader_id,
+                    "leader_addr": s.leader_addr,
+                    "term": s.term,
+                    "commit": s.commit_index,
+                    "applied": s.applied_index,
+                    "last_log_index": s.last_log_index,
+                    "snapshot_index": s.snapshot_index,
+                    "cluster_id": s.cluster_id,
+                    "joint": s.joint,
+                    "version": s.version,
+                    "members": s.members.iter().map(|m| json!({"id": m.id, "addr": m.addr, "voter": m.voter})).collect::<Vec<_>>(),
+                }),
+                Err(e) => json!({"endpoint": ep, "error": one_line(&e.to_string())}),
+            })
+            .collect();
+        print_json(&Value::Array(arr));
+    } else {
+        let mut rows = vec![[
+            "ENDPOINT", "ID", "ROLE", "LEADER", "TERM", "COMMIT", "APPLIED",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()];
+        for (ep, r) in &results {
+            rows.push(match r {
+                Ok(s) => vec![
+                    ep.clone(),
+                    s.id.to_string(),
+                    role_name(s.role).into(),
+                    if s.leader_id == 0 {
+                        "-".into()
+                    } else {
+                        s.leader_id.to_string()
+                    },
+                    s.term.to_string(),
+                    s.commit_index.to_string(),
+                    s.applied_index.to_string(),
+                ],
+                Err(e) => vec![ep.clone(), format!("error: {}", one_line(&e.to_string()))],
+            });
+        }
+        print_table(&rows);
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Fail::runtime(format!(
+            "{} of {} endpoints failed: {}",
+            failed.len(),
+            results.len(),
+            failed.join(", ")
+        )))
+    }
+}

@@ -1,0 +1,164 @@
+//! `lockd.v1.Raft`: the receiving side of member-to-member traffic.
+//!
+//! Every message is checked before openraft sees it: the cluster id, the
+//! target node id, the data-dir instance the sender believes this member
+//! has, and the sender's own instance against the cluster's binding.
+//! A member that learns its node id belongs to another data dir stops.
+
+use std::io::Cursor;
+
+use futures::StreamExt;
+use lockd_proto::v1 as pb;
+use lockd_proto::v1::raft_server::Raft as RaftRpc;
+use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{observe, NodeRef};
+use crate::raft::network::{decode, encode, REFUSED_MARK};
+use crate::raft::types::{Request as RaftRequest, Snapshot, SnapshotMeta, TypeConfig, Vote};
+
+/// The Raft peer service.
+pub struct PeerService {
+    node: NodeRef,
+}
+
+impl PeerService {
+    /// Serves peer traffic on `node`.
+    pub fn new(node: NodeRef) -> PeerService {
+        PeerService { node }
+    }
+
+    fn check(&self, env: &pb::PeerEnvelope) -> Result<(), Status> {
+        let me = &self.node.identity;
+        if env.cluster_id != me.cluster_id {
+            return Err(Status::failed_precondition(format!(
+                "cluster id mismatch: message for cluster {:?} reached a member of cluster {:?}",
+                env.cluster_id, me.cluster_id
+            )));
+        }
+        if env.to_id != me.node_id {
+            return Err(Status::failed_precondition(format!(
+                "message for node {} reached node {}",
+                env.to_id, me.node_id
+            )));
+        }
+        if !env.to_instance.is_empty() && env.to_instance != me.instance {
+            let reason = format!(
+                "node id {} was {REFUSED_MARK} by this cluster with another data dir (instance {}), but this \
+                 member's data dir is instance {}: its disk was wiped or replaced. A member with an empty data \
+                 dir must join as a new member with a new id",
+                me.node_id, env.to_instance, me.instance
+            );
+            self.node.set_fatal(reason.clone());
+            return Err(Status::permission_denied(reason));
+        }
+        let bound = self.node.sm.read().state.instance_of(env.from_id).map(str::to_string);
+        if let Some(b) = bound {
+            if !env.from_instance.is_empty() && b != env.from_instance {
+                return Err(Status::permission_denied(format!(
+                    "node id {} was {REFUSED_MARK} by this cluster with another data dir (instance {b}); \
+                     the sender (instance {}) must join as a new member with a new id",
+                    env.from_id, env.from_instance
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn codec(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("undecodable peer message: {e}"))
+}
+
+fn reply<T: serde::Serialize>(v: &T) -> Result<Response<pb::PeerReply>, Status> {
+    Ok(Response::new(pb::PeerReply {
+        payload: encode(v).map_err(|e| Status::internal(e.to_string()))?,
+    }))
+}
+
+fn raft_unavailable(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+#[tonic::async_trait]
+impl RaftRpc for PeerService {
+    async fn append_entries(&self, req: Request<pb::PeerEnvelope>) -> Result<Response<pb::PeerReply>, Status> {
+        let env = req.into_inner();
+        self.check(&env)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(&env.payload).map_err(codec)?;
+        let resp = self.node.raft.append_entries(rpc).await.map_err(raft_unavailable)?;
+        reply(&resp)
+    }
+
+    async fn vote(&self, req: Request<pb::PeerEnvelope>) -> Result<Response<pb::PeerReply>, Status> {
+        let env = req.into_inner();
+        self.check(&env)?;
+        let (pre, rpc): (bool, VoteRequest<TypeConfig>) = decode(&env.payload).map_err(codec)?;
+        let resp = if pre {
+            self.node.raft.pre_vote(rpc).await
+        } else {
+            self.node.raft.vote(rpc).await
+        }
+        .map_err(raft_unavailable)?;
+        reply(&resp)
+    }
+
+    async fn transfer_leader(&self, req: Request<pb::PeerEnvelope>) -> Result<Response<pb::PeerReply>, Status> {
+        let env = req.into_inner();
+        self.check(&env)?;
+        let rpc: TransferLeaderRequest<TypeConfig> = decode(&env.payload).map_err(codec)?;
+        let resp = self.node.raft.handle_transfer_leader(rpc).await.map_err(raft_unavailable)?;
+        reply(&resp)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::PeerReply>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let env = first
+            .envelope
+            .ok_or_else(|| Status::invalid_argument("snapshot stream without envelope"))?;
+        self.check(&env)?;
+        let (vote, meta): (Vote, SnapshotMeta) = decode(&env.payload).map_err(codec)?;
+        let mut data = first.data;
+        while let Some(chunk) = stream.next().await {
+            data.extend_from_slice(&chunk?.data);
+        }
+        tracing::info!(bytes = data.len(), last_log_id = ?meta.last_log_id, "received snapshot");
+        let snapshot = Snapshot {
+            meta,
+            snapshot: Cursor::new(data),
+        };
+        let resp = self
+            .node
+            .raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(raft_unavailable)?;
+        reply(&resp)
+    }
+
+    async fn propose(&self, req: Request<pb::PeerEnvelope>) -> Result<Response<pb::PeerReply>, Status> {
+        observe(&self.node, "Raft/Propose", async {
+            let env = req.into_inner();
+            self.check(&env)?;
+            let r: RaftRequest = decode(&env.payload).map_err(codec)?;
+            reply(&self.node.propose_local(r.command).await)
+        })
+        .await
+    }
+
+    async fn read_index(&self, req: Request<pb::PeerEnvelope>) -> Result<Response<pb::PeerReply>, Status> {
+        observe(&self.node, "Raft/ReadIndex", async {
+            let env = req.into_inner();
+            self.check(&env)?;
+            reply(&self.node.read_index_local().await)
+        })
+        .await
+    }
+}

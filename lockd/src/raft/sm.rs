@@ -1,0 +1,209 @@
+//! openraft's state machine glue: applies committed entries to the
+//! in-memory tree (`store::State`), builds and installs snapshots.
+//!
+//! Owns: the applied log id, the last applied membership, snapshot files.
+//! Snapshots are the whole state encoded with postcard in a checksummed
+//! frame, written to `snapshot/current.bin` atomically. The state machine
+//! itself is not persisted between snapshots: after a restart openraft
+//! replays the log from the snapshot's last log id.
+//!
+//! Must never: let apply depend on anything but the entries.
+
+use std::io::{self, Cursor};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use futures::{Stream, StreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::log::{decode_framed, encode_checked, write_atomic};
+use super::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::store::{Applied, AppliedResult, State};
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta,
+    state: State,
+}
+
+/// What the state machine holds besides the tree.
+#[derive(Default)]
+pub struct Applier {
+    /// The tree, the revision and the instance bindings.
+    pub state: State,
+    /// Last applied log id.
+    pub last_applied: Option<LogId>,
+    /// Last applied membership.
+    pub last_membership: StoredMembership,
+}
+
+struct Shared {
+    data: RwLock<Applier>,
+    dir: PathBuf,
+}
+
+/// The state machine handed to openraft; clones share one state.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    shared: Arc<Shared>,
+}
+
+impl StateMachineStore {
+    /// Opens the state machine, loading the last snapshot under `dir`.
+    pub fn open(dir: PathBuf) -> io::Result<StateMachineStore> {
+        std::fs::create_dir_all(&dir)?;
+        let mut applier = Applier::default();
+        let path = dir.join("current.bin");
+        if path.exists() {
+            let bytes = std::fs::read(&path)?;
+            let snap: SnapshotFile = decode_framed(&bytes).map_err(|e| {
+                io::Error::new(e.kind(), format!("snapshot {}: {e}", path.display()))
+            })?;
+            applier.state = snap.state;
+            applier.last_applied = snap.meta.last_log_id;
+            applier.last_membership = snap.meta.last_membership;
+        }
+        Ok(StateMachineStore {
+            shared: Arc::new(Shared {
+                data: RwLock::new(applier),
+                dir,
+            }),
+        })
+    }
+
+    /// Read access to the applied state (serializable reads).
+    pub fn read(&self) -> RwLockReadGuard<'_, Applier> {
+        self.shared.data.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Applier> {
+        self.shared.data.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn snapshot_path(&self) -> PathBuf {
+        self.shared.dir.join("current.bin")
+    }
+
+    fn load_snapshot(&self) -> io::Result<Option<Snapshot>> {
+        let path = self.snapshot_path();
+        if !path.exists() {
+            return Ok(None);
+        }
+        let bytes = std::fs::read(&path)?;
+        let snap: SnapshotFile = decode_framed(&bytes)?;
+        Ok(Some(Snapshot {
+            meta: snap.meta,
+            snapshot: Cursor::new(bytes),
+        }))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        // Encode under the read lock: apply waits, reads do not.
+        let (meta, bytes) = {
+            let data = self.read();
+            let meta = SnapshotMeta {
+                last_log_id: data.last_applied,
+                last_membership: data.last_membership.clone(),
+            };
+            let file = SnapshotFile {
+                meta: meta.clone(),
+                state: data.state.clone(),
+            };
+            (meta, file)
+        };
+        let encoded = tokio::task::spawn_blocking({
+            let path = self.snapshot_path();
+            move || -> io::Result<Vec<u8>> {
+                let bytes = encode_checked(&bytes)?;
+                write_atomic(&path, &bytes)?;
+                Ok(bytes)
+            }
+        })
+        .await
+        .map_err(io::Error::other)??;
+        tracing::info!(last_log_id = ?meta.last_log_id, bytes = encoded.len(), "snapshot built");
+        Ok(Snapshot {
+            meta,
+            snapshot: Cursor::new(encoded),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let data = self.read();
+        Ok((data.last_applied, data.last_membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let applied = {
+                let mut data = self.write();
+                data.last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => Applied {
+                        revision: data.state.revision(),
+                        result: Ok(AppliedResult::None),
+                    },
+                    EntryPayload::Normal(req) => data.state.apply(&req.command).0,
+                    EntryPayload::Membership(m) => {
+                        data.last_membership = StoredMembership::new(Some(entry.log_id), m);
+                        Applied {
+                            revision: data.state.revision(),
+                            result: Ok(AppliedResult::None),
+                        }
+                    }
+                }
+            };
+            if let Some(r) = responder {
+                r.send(applied);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+        let bytes = snapshot.into_inner();
+        let file: SnapshotFile = decode_framed(&bytes)?;
+        if file.meta.last_log_id != meta.last_log_id {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "snapshot data does not match its metadata",
+            ));
+        }
+        let path = self.snapshot_path();
+        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+            .await
+            .map_err(io::Error::other)??;
+        let mut data = self.write();
+        data.state = file.state;
+        data.last_applied = meta.last_log_id;
+        data.last_membership = meta.last_membership.clone();
+        tracing::info!(last_log_id = ?meta.last_log_id, "snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.load_snapshot())
+            .await
+            .map_err(io::Error::other)?
+    }
+}

@@ -1,0 +1,179 @@
+//! Serving a member: the gRPC port (KV, Cluster and the peer Raft service)
+//! and the HTTP port (/healthz, /readyz, /metrics), with graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use lockd_proto::v1::cluster_server::ClusterServer;
+use lockd_proto::v1::kv_server::KvServer;
+use lockd_proto::v1::raft_server::RaftServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::cluster::ClusterService;
+use crate::api::kv::KvService;
+use crate::api::peer::PeerService;
+use crate::node::{Config, LockdNode, StartError};
+
+/// Why a member stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Startup failed.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The cluster refused this member's identity.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Starts a member and serves it until `shutdown` resolves (Ok) or the
+/// member is refused by its cluster (Err).
+pub async fn run(
+    config: Config,
+    metrics: crate::metrics::Metrics,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    // Bind first, so a port conflict is reported before anything is written.
+    let grpc = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let http = match config.http_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let node = LockdNode::start(config, metrics).await?;
+    tracing::info!(
+        id = node.config.id,
+        cluster = %node.identity.cluster_id,
+        listen = %node.config.listen,
+        advertise = %node.config.advertise,
+        "member started"
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut fatal = node.fatal();
+    let watcher = {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = fatal.wait_for(|f| f.is_some()) => {}
+            }
+            let _ = stop_tx.send(true);
+        })
+    };
+    let http_task = http.map(|listener| {
+        let app = axum::Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics_handler))
+            .with_state(node.clone());
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let r = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "http server failed");
+            }
+        })
+    });
+    let max_msg = node.config.limits.max_value_bytes.saturating_mul(2).max(4 << 20) + (64 << 10);
+    let mut stop = stop_rx.clone();
+    let served = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            KvServer::new(KvService::new(node.clone()))
+                .max_decoding_message_size(max_msg)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            ClusterServer::new(ClusterService::new(node.clone()))
+                .max_decoding_message_size(max_msg),
+        )
+        .add_service(
+            RaftServer::new(PeerService::new(node.clone()))
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    watcher.abort();
+    if let Err(e) = node.raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown");
+    }
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
+    served?;
+    let reason = node.fatal().borrow().clone();
+    match reason {
+        Some(r) => Err(ServeError::Refused(r)),
+        None => {
+            tracing::info!(id = node.config.id, "member stopped");
+            Ok(())
+        }
+    }
+}
+
+async fn readyz(State(node): State<Arc<LockdNode>>) -> (StatusCode, String) {
+    if node.is_ready() {
+        (StatusCode::OK, "ready\n".into())
+    } else {
+        let m = node.raft_metrics();
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: state={:?} leader={:?} committed={:?} applied={:?}\n",
+                m.state,
+                m.current_leader,
+                m.local_committed.map(|l| l.index),
+                m.last_applied.map(|l| l.index)
+            ),
+        )
+    }
+}
+
+async fn metrics_handler(State(node): State<Arc<LockdNode>>) -> String {
+    let m = node.raft_metrics();
+    let (revision, nodes) = {
+        let data = node.sm.read();
+        (data.state.revision(), data.state.len() as u64)
+    };
+    node.metrics.set_raft(
+        m.current_term,
+        m.local_committed.map(|l| l.index).unwrap_or(0),
+        m.last_applied.map(|l| l.index).unwrap_or(0),
+        m.last_log_index.unwrap_or(0),
+        m.state == openraft::ServerState::Leader,
+        m.current_leader.unwrap_or(0),
+        revision,
+        nodes,
+    );
+    node.metrics.render()
+}

@@ -1,0 +1,19 @@
+//! Compiles proto/lockd/v1/*.proto with protox (pure Rust), so building lockd
+//! needs no system protoc.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "lockd/v1/kv.proto",
+        "lockd/v1/cluster.proto",
+        "lockd/v1/raft.proto",
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["."])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}
