@@ -78,7 +78,11 @@ pub enum IdentityError {
 impl Identity {
     /// Loads the identity of `dir`, or creates one if the dir is new or
     /// empty, and checks it against the flags.
-    pub fn load_or_create(dir: &Path, cluster_id: &str, node_id: u64) -> Result<Identity, IdentityError> {
+    pub fn load_or_create(
+        dir: &Path,
+        cluster_id: &str,
+        node_id: u64,
+    ) -> Result<Identity, IdentityError> {
         let io = |source| IdentityError::Io {
             dir: dir.to_path_buf(),
             source,
@@ -87,10 +91,11 @@ impl Identity {
         let path = dir.join(FILE);
         if path.exists() {
             let bytes = fs::read(&path).map_err(io)?;
-            let id: Identity = serde_json::from_slice(&bytes).map_err(|e| IdentityError::Corrupt {
-                dir: dir.to_path_buf(),
-                message: e.to_string(),
-            })?;
+            let id: Identity =
+                serde_json::from_slice(&bytes).map_err(|e| IdentityError::Corrupt {
+                    dir: dir.to_path_buf(),
+                    message: e.to_string(),
+                })?;
             if id.node_id != node_id {
                 return Err(IdentityError::NodeIdMismatch {
                     dir: dir.to_path_buf(),

@@ -114,12 +114,15 @@ fn parse_members(s: &str) -> anyhow::Result<Vec<(u64, String)>> {
 }
 
 fn member_config(a: MemberArgs) -> anyhow::Result<Config> {
-    let id = a.id.context("--id is required (or run `lockd dev` for a local cluster)")?;
+    let id =
+        a.id.context("--id is required (or run `lockd dev` for a local cluster)")?;
     if id == 0 {
         bail!("--id 0 is reserved; use ids from 1");
     }
     let data_dir = a.data_dir.context("--data-dir is required")?;
-    let listen = a.listen.context("--listen is required, e.g. --listen 127.0.0.1:7001")?;
+    let listen = a
+        .listen
+        .context("--listen is required, e.g. --listen 127.0.0.1:7001")?;
     let mut c = Config::new(id, data_dir, listen);
     c.cluster_id = a.cluster_id;
     if c.cluster_id.is_empty() {
@@ -195,7 +198,12 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         bail!("--nodes must be between 1 and 9");
     }
     let members: Vec<(u64, String)> = (1..=args.nodes)
-        .map(|i| (i, format!("127.0.0.1:{}", u64::from(args.base_port) + i - 1)))
+        .map(|i| {
+            (
+                i,
+                format!("127.0.0.1:{}", u64::from(args.base_port) + i - 1),
+            )
+        })
         .collect();
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut tasks = Vec::new();
@@ -213,7 +221,11 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         })));
     }
     let endpoints: Vec<&str> = members.iter().map(|(_, a)| a.as_str()).collect();
-    println!("lockd dev: {} members, data in {}", args.nodes, args.data_dir.display());
+    println!(
+        "lockd dev: {} members, data in {}",
+        args.nodes,
+        args.data_dir.display()
+    );
     for (id, addr) in &members {
         println!(
             "  member {id}: grpc {addr}, http http://127.0.0.1:{}/readyz",
@@ -248,7 +260,10 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("Error: cannot start the runtime: {e}");
@@ -264,7 +279,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let refused = e.downcast_ref::<ServeError>().is_some_and(|s| matches!(s, ServeError::Refused(_)));
+            let refused = e
+                .downcast_ref::<ServeError>()
+                .is_some_and(|s| matches!(s, ServeError::Refused(_)));
             eprintln!("Error: {e:#}");
             ExitCode::from(if refused { 3 } else { 1 })
         }

@@ -63,19 +63,31 @@ impl Metrics {
         let fsync_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
         let fsync_batch = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         let forwarded = Counter::default();
-        registry.register("grpc_requests", "gRPC requests by method and code", requests.clone());
+        registry.register(
+            "grpc_requests",
+            "gRPC requests by method and code",
+            requests.clone(),
+        );
         registry.register(
             "grpc_request_seconds",
             "gRPC request latency",
             request_seconds.clone(),
         );
-        registry.register("log_fsync_seconds", "Raft log fsync latency", fsync_seconds.clone());
+        registry.register(
+            "log_fsync_seconds",
+            "Raft log fsync latency",
+            fsync_seconds.clone(),
+        );
         registry.register(
             "log_fsync_batch_requests",
             "Append requests made durable by one fsync (group commit)",
             fsync_batch.clone(),
         );
-        registry.register("forwarded_writes", "Writes forwarded to the leader", forwarded.clone());
+        registry.register(
+            "forwarded_writes",
+            "Writes forwarded to the leader",
+            forwarded.clone(),
+        );
         let g = |registry: &mut Registry, name: &str, help: &str| {
             let gauge = Gauge::default();
             registry.register(name, help, gauge.clone());
@@ -86,7 +98,11 @@ impl Metrics {
         let applied_index = g(&mut registry, "raft_applied_index", "Applied log index");
         let last_log_index = g(&mut registry, "raft_last_log_index", "Last log index");
         let is_leader = g(&mut registry, "raft_is_leader", "1 if this member leads");
-        let leader_id = g(&mut registry, "raft_leader_id", "Known leader id, 0 if none");
+        let leader_id = g(
+            &mut registry,
+            "raft_leader_id",
+            "Known leader id, 0 if none",
+        );
         let revision = g(&mut registry, "revision", "Cluster revision applied here");
         let nodes = g(&mut registry, "tree_nodes", "Nodes in the tree");
         Metrics {
@@ -160,7 +176,11 @@ impl Metrics {
     /// Renders the registry in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let registry = self.inner.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let registry = self
+            .inner
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
             tracing::warn!(error = %e, "encoding metrics failed");
         }

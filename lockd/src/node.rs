@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::errors::{ClientWriteError, RaftError};
 use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ReadPolicy, ServerState};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -178,7 +178,14 @@ impl LockdNode {
             install_snapshot_timeout: 10_000,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_threshold),
             max_in_snapshot_log_to_keep: (config.snapshot_threshold / 10).min(1000),
+            // A partitioned member that comes back runs a pre-vote first and
+            // cannot depose a healthy leader by bumping the term.
             enable_pre_vote: Some(true),
+            // The state machine is rebuilt from snapshot + log at start and the
+            // commit index is not persisted, so a restarted leader must not
+            // resume leadership without an election: it would serve reads from
+            // a state machine that has not replayed what was committed.
+            enable_leader_restore: Some(false),
             ..Default::default()
         }
         .validate()
@@ -280,7 +287,10 @@ impl LockdNode {
             if cur.is_some() && cur != old {
                 return Ok(cur.unwrap_or_default());
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 return Err(NodeError::Unavailable(
                     "no leader: the cluster has no quorum reachable from this member".into(),
                 ));
@@ -288,8 +298,36 @@ impl LockdNode {
         }
     }
 
+    /// After `leader` answered "not leader" (naming `next`, if it knows):
+    /// go to `next` if it is another member; otherwise the leader is
+    /// between states (just elected and its lease not yet confirmed, or
+    /// stepping down), so back off briefly and ask again.
+    async fn next_leader(
+        &self,
+        leader: u64,
+        next: Option<u64>,
+        backoff: &mut Duration,
+        deadline: Instant,
+    ) -> Result<Option<u64>, NodeError> {
+        if let Some(n) = next.filter(|n| *n != leader) {
+            return Ok(Some(n));
+        }
+        if Instant::now() + *backoff >= deadline {
+            return Err(NodeError::Unavailable(format!(
+                "no leader: member {leader} is not ready to lead and no other leader emerged"
+            )));
+        }
+        tokio::time::sleep(*backoff).await;
+        *backoff = (*backoff * 2).min(Duration::from_millis(100));
+        Ok(None)
+    }
+
     fn leader_deadline(&self) -> Instant {
-        Instant::now() + self.config.request_timeout.min(Duration::from_secs(5) + self.config.election_timeout * 2)
+        Instant::now()
+            + self
+                .config
+                .request_timeout
+                .min(Duration::from_secs(5) + self.config.election_timeout * 2)
     }
 
     /// Proposes a command through Raft, forwarding to the leader if needed.
@@ -297,6 +335,7 @@ impl LockdNode {
     pub async fn propose(&self, command: Command) -> Result<Applied, NodeError> {
         let deadline = self.leader_deadline();
         let mut hint: Option<u64> = None;
+        let mut backoff = Duration::from_millis(5);
         loop {
             let leader = match hint.take() {
                 Some(l) => l,
@@ -311,12 +350,11 @@ impl LockdNode {
             match reply {
                 ProposeReply::Applied(a) => return Ok(a),
                 ProposeReply::Ambiguous(m) => return Err(NodeError::Ambiguous(m)),
-                ProposeReply::NotLeader(next) => match next {
-                    Some(n) if n != leader => hint = Some(n),
-                    _ => {
-                        hint = Some(self.wait_new_leader(Some(leader), deadline).await?);
-                    }
-                },
+                ProposeReply::NotLeader(next) => {
+                    hint = self
+                        .next_leader(leader, next, &mut backoff, deadline)
+                        .await?;
+                }
                 ProposeReply::Unavailable(m) => {
                     if Instant::now() >= deadline {
                         return Err(NodeError::Unavailable(m));
@@ -392,6 +430,7 @@ impl LockdNode {
     pub async fn read_barrier(&self) -> Result<(), NodeError> {
         let deadline = self.leader_deadline();
         let mut hint: Option<u64> = None;
+        let mut backoff = Duration::from_millis(5);
         let index = loop {
             let leader = match hint.take() {
                 Some(l) => l,
@@ -404,10 +443,11 @@ impl LockdNode {
             };
             match reply {
                 ReadIndexReply::Index(i) => break i,
-                ReadIndexReply::NotLeader(next) => match next {
-                    Some(n) if n != leader => hint = Some(n),
-                    _ => hint = Some(self.wait_new_leader(Some(leader), deadline).await?),
-                },
+                ReadIndexReply::NotLeader(next) => {
+                    hint = self
+                        .next_leader(leader, next, &mut backoff, deadline)
+                        .await?;
+                }
                 ReadIndexReply::Unavailable(m) => {
                     match self.wait_new_leader(Some(leader), deadline).await {
                         Ok(n) => hint = Some(n),
@@ -421,7 +461,9 @@ impl LockdNode {
             .wait(Some(wait))
             .applied_index_at_least(Some(index), "read barrier")
             .await
-            .map_err(|e| NodeError::Unavailable(format!("this member did not catch up in time: {e}")))?;
+            .map_err(|e| {
+                NodeError::Unavailable(format!("this member did not catch up in time: {e}"))
+            })?;
         Ok(())
     }
 
@@ -437,7 +479,9 @@ impl LockdNode {
                 other => ReadIndexReply::Unavailable(other.to_string()),
             },
             Ok(Err(e)) => ReadIndexReply::Unavailable(e.to_string()),
-            Err(_) => ReadIndexReply::Unavailable("leadership could not be confirmed in time".into()),
+            Err(_) => {
+                ReadIndexReply::Unavailable("leadership could not be confirmed in time".into())
+            }
         }
     }
 
@@ -454,7 +498,9 @@ impl LockdNode {
             Ok(Ok(r)) => decode(&r.into_inner().payload)
                 .unwrap_or_else(|e: PeerError| ReadIndexReply::Unavailable(e.to_string())),
             Ok(Err(s)) => ReadIndexReply::Unavailable(format!("leader {leader}: {}", s.message())),
-            Err(_) => ReadIndexReply::Unavailable(format!("leader {leader} did not answer in time")),
+            Err(_) => {
+                ReadIndexReply::Unavailable(format!("leader {leader} did not answer in time"))
+            }
         }
     }
 
@@ -481,14 +527,20 @@ impl LockdNode {
         }
     }
 
-    /// Ready: a member of an initialized cluster with a known leader, and
-    /// caught up (applied what it knows to be committed).
+    /// Ready: a member of an initialized cluster with a known leader, its
+    /// node id bound to this data dir, and caught up (applied what it knows
+    /// to be committed).
     pub fn is_ready(&self) -> bool {
         let m = self.raft_metrics();
         let member = m.membership_config.membership().get_node(&m.id).is_some();
         let committed = m.local_committed.map(|l| l.index);
         let applied = m.last_applied.map(|l| l.index);
-        member && m.current_leader.is_some() && applied >= committed && self.fatal().borrow().is_none()
+        let bound = self.sm.read().state.instance_of(m.id) == Some(self.identity.instance.as_str());
+        member
+            && bound
+            && m.current_leader.is_some()
+            && applied >= committed
+            && self.fatal().borrow().is_none()
     }
 
     /// Voter and learner ids of the current membership.
@@ -514,7 +566,10 @@ async fn bind_identity(node: Arc<LockdNode>) {
         if in_cluster {
             let bound = node.sm.read().state.instance_of(me).map(str::to_string);
             match bound {
-                Some(b) if b == node.identity.instance => return,
+                Some(b) if b == node.identity.instance => {
+                    tracing::info!(instance = %b, "node id bound to this data dir");
+                    return;
+                }
                 Some(b) => {
                     node.set_fatal(format!(
                         "node id {me} was already used by this cluster with another data dir (instance {b}); \
@@ -528,18 +583,25 @@ async fn bind_identity(node: Arc<LockdNode>) {
                         instance: node.identity.instance.clone(),
                     };
                     match node.propose(cmd).await {
-                        Ok(Applied { result: Ok(_), .. }) => return,
+                        Ok(Applied { result: Ok(_), .. }) => {
+                            tracing::info!(instance = %node.identity.instance, "node id bound to this data dir");
+                            return;
+                        }
                         Ok(Applied { result: Err(e), .. }) => {
                             node.set_fatal(e.message);
                             return;
                         }
-                        Err(e) => tracing::debug!(error = %e, "binding identity failed; retrying"),
+                        Err(e) => {
+                            tracing::info!(error = %e, "binding node id to data dir failed; retrying")
+                        }
                     }
                 }
             }
         }
-        if rx.changed().await.is_err() {
-            return;
+        // Re-check on every metrics change, and at least twice a second.
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
 }

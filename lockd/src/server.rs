@@ -101,10 +101,18 @@ pub async fn run(
             }
         })
     });
-    let max_msg = node.config.limits.max_value_bytes.saturating_mul(2).max(4 << 20) + (64 << 10);
+    let max_msg = node
+        .config
+        .limits
+        .max_value_bytes
+        .saturating_mul(2)
+        .max(4 << 20)
+        + (64 << 10);
     let mut stop = stop_rx.clone();
     let served = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .initial_stream_window_size(Some(crate::raft::network::WINDOW))
+        .initial_connection_window_size(Some(crate::raft::network::WINDOW * 2))
         .add_service(
             KvServer::new(KvService::new(node.clone()))
                 .max_decoding_message_size(max_msg)

@@ -34,22 +34,34 @@ impl ClusterService {
     }
 
     /// Ok(None) when this member leads; Ok(Some(client)) for the leader.
-    async fn leader_or_forward<T>(&self, req: &Request<T>) -> Result<Option<ClusterClient<Channel>>, Status> {
+    async fn leader_or_forward<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<Option<ClusterClient<Channel>>, Status> {
         let m = self.node.raft_metrics();
         if m.state == ServerState::Leader {
             return Ok(None);
         }
         if req.metadata().contains_key(FORWARDED) {
-            return Err(Status::unavailable("this member is not the leader (forwarded call)"));
+            return Err(Status::unavailable(
+                "this member is not the leader (forwarded call)",
+            ));
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5) + self.node.config.election_timeout * 2;
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_secs(5)
+            + self.node.config.election_timeout * 2;
         let mut rx = self.node.raft.metrics();
         let leader = loop {
             if let Some(l) = rx.borrow_and_update().current_leader {
                 break l;
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
-                return Err(Status::unavailable("no leader: the cluster has no quorum reachable from this member"));
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Err(Status::unavailable(
+                    "no leader: the cluster has no quorum reachable from this member",
+                ));
             }
         };
         if leader == self.node.config.id {
@@ -61,7 +73,11 @@ impl ClusterService {
             .get_node(&leader)
             .map(|n| n.addr.clone())
             .ok_or_else(|| Status::unavailable(format!("leader {leader} has no known address")))?;
-        let ch = self.node.peers.channel(&addr).map_err(|e| Status::unavailable(e.to_string()))?;
+        let ch = self
+            .node
+            .peers
+            .channel(&addr)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Some(ClusterClient::new(ch)))
     }
 
@@ -86,7 +102,8 @@ impl ClusterService {
 
 fn forwarded<T>(msg: T) -> Request<T> {
     let mut r = Request::new(msg);
-    r.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    r.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
     r
 }
 
@@ -115,7 +132,10 @@ pub fn members_of(node: &LockdNode) -> Vec<pb::Member> {
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         observe(&self.node, "Cluster/Status", async {
             let m = self.node.raft_metrics();
             let role = LockdNode::role(&m);
@@ -138,7 +158,12 @@ impl Cluster for ClusterService {
                 .unwrap_or_default();
             let leader_addr = m
                 .current_leader
-                .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()))
+                .and_then(|l| {
+                    m.membership_config
+                        .membership()
+                        .get_node(&l)
+                        .map(|n| n.addr.clone())
+                })
                 .unwrap_or_default();
             Ok(Response::new(pb::StatusResponse {
                 header: header(&self.node, self.rev()),
@@ -163,7 +188,10 @@ impl Cluster for ClusterService {
         .await
     }
 
-    async fn initialize(&self, req: Request<pb::InitializeRequest>) -> Result<Response<pb::InitializeResponse>, Status> {
+    async fn initialize(
+        &self,
+        req: Request<pb::InitializeRequest>,
+    ) -> Result<Response<pb::InitializeResponse>, Status> {
         observe(&self.node, "Cluster/Initialize", async {
             let req = req.into_inner();
             let mut members: BTreeMap<u64, BasicNode> = req
@@ -172,7 +200,10 @@ impl Cluster for ClusterService {
                 .map(|m| (m.id, BasicNode::new(m.addr)))
                 .collect();
             if members.is_empty() {
-                members.insert(self.node.config.id, BasicNode::new(self.node.config.advertise.clone()));
+                members.insert(
+                    self.node.config.id,
+                    BasicNode::new(self.node.config.advertise.clone()),
+                );
             }
             if !members.contains_key(&self.node.config.id) {
                 return Err(Status::invalid_argument(format!(
@@ -182,9 +213,15 @@ impl Cluster for ClusterService {
             }
             let initialized = self.node.raft.is_initialized().await.map_err(raft_status)?;
             if initialized {
-                return Err(Status::failed_precondition("this member is already part of an initialized cluster"));
+                return Err(Status::failed_precondition(
+                    "this member is already part of an initialized cluster",
+                ));
             }
-            self.node.raft.initialize(members).await.map_err(raft_status)?;
+            self.node
+                .raft
+                .initialize(members)
+                .await
+                .map_err(raft_status)?;
             Ok(Response::new(pb::InitializeResponse {
                 header: header(&self.node, self.rev()),
             }))
@@ -192,7 +229,10 @@ impl Cluster for ClusterService {
         .await
     }
 
-    async fn add_learner(&self, req: Request<pb::AddLearnerRequest>) -> Result<Response<pb::AddLearnerResponse>, Status> {
+    async fn add_learner(
+        &self,
+        req: Request<pb::AddLearnerRequest>,
+    ) -> Result<Response<pb::AddLearnerResponse>, Status> {
         observe(&self.node, "Cluster/AddLearner", async {
             if let Some(mut c) = self.leader_or_forward(&req).await? {
                 return c.add_learner(forwarded(req.into_inner())).await;
@@ -269,7 +309,10 @@ impl Cluster for ClusterService {
         .await
     }
 
-    async fn change_voters(&self, req: Request<pb::ChangeVotersRequest>) -> Result<Response<pb::ChangeVotersResponse>, Status> {
+    async fn change_voters(
+        &self,
+        req: Request<pb::ChangeVotersRequest>,
+    ) -> Result<Response<pb::ChangeVotersResponse>, Status> {
         observe(&self.node, "Cluster/ChangeVoters", async {
             if let Some(mut c) = self.leader_or_forward(&req).await? {
                 return c.change_voters(forwarded(req.into_inner())).await;
@@ -301,7 +344,10 @@ impl Cluster for ClusterService {
         .await
     }
 
-    async fn promote(&self, req: Request<pb::PromoteRequest>) -> Result<Response<pb::PromoteResponse>, Status> {
+    async fn promote(
+        &self,
+        req: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::PromoteResponse>, Status> {
         observe(&self.node, "Cluster/Promote", async {
             if let Some(mut c) = self.leader_or_forward(&req).await? {
                 return c.promote(forwarded(req.into_inner())).await;
@@ -327,7 +373,10 @@ impl Cluster for ClusterService {
         .await
     }
 
-    async fn remove_member(&self, req: Request<pb::RemoveMemberRequest>) -> Result<Response<pb::RemoveMemberResponse>, Status> {
+    async fn remove_member(
+        &self,
+        req: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
         observe(&self.node, "Cluster/RemoveMember", async {
             if let Some(mut c) = self.leader_or_forward(&req).await? {
                 return c.remove_member(forwarded(req.into_inner())).await;
@@ -364,7 +413,10 @@ impl Cluster for ClusterService {
         .await
     }
 
-    async fn transfer_leader(&self, req: Request<pb::TransferLeaderRequest>) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+    async fn transfer_leader(
+        &self,
+        req: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
         observe(&self.node, "Cluster/TransferLeader", async {
             if let Some(mut c) = self.leader_or_forward(&req).await? {
                 return c.transfer_leader(forwarded(req.into_inner())).await;
@@ -372,7 +424,9 @@ impl Cluster for ClusterService {
             let id = req.into_inner().id;
             let m = self.node.raft_metrics();
             if !m.membership_config.voter_ids().any(|v| v == id) {
-                return Err(Status::failed_precondition(format!("node {id} is not a voter")));
+                return Err(Status::failed_precondition(format!(
+                    "node {id} is not a voter"
+                )));
             }
             if m.current_leader == Some(id) {
                 return Ok(Response::new(pb::TransferLeaderResponse {
@@ -380,14 +434,21 @@ impl Cluster for ClusterService {
                     leader_id: id,
                 }));
             }
-            self.node.raft.trigger().transfer_leader(id).await.map_err(raft_status)?;
+            self.node
+                .raft
+                .trigger()
+                .transfer_leader(id)
+                .await
+                .map_err(raft_status)?;
             let wait = Duration::from_secs(5) + self.node.config.election_timeout * 4;
             self.node
                 .raft
                 .wait(Some(wait))
                 .current_leader(id, "leadership transfer")
                 .await
-                .map_err(|e| Status::unavailable(format!("leadership did not move to {id}: {e}")))?;
+                .map_err(|e| {
+                    Status::unavailable(format!("leadership did not move to {id}: {e}"))
+                })?;
             Ok(Response::new(pb::TransferLeaderResponse {
                 header: header(&self.node, self.rev()),
                 leader_id: id,
@@ -396,10 +457,18 @@ impl Cluster for ClusterService {
         .await
     }
 
-    async fn snapshot(&self, _req: Request<pb::SnapshotRequest>) -> Result<Response<pb::SnapshotResponse>, Status> {
+    async fn snapshot(
+        &self,
+        _req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
         observe(&self.node, "Cluster/Snapshot", async {
             let applied = self.node.raft_metrics().last_applied.map(|l| l.index);
-            self.node.raft.trigger().snapshot().await.map_err(raft_status)?;
+            self.node
+                .raft
+                .trigger()
+                .snapshot()
+                .await
+                .map_err(raft_status)?;
             let m = self
                 .node
                 .raft

@@ -85,7 +85,12 @@ fn compare(c: pb::Compare, limits: &Limits) -> Result<Compare, Status> {
         Ok(pb::compare::Op::NotEqual) => CmpOp::NotEqual,
         Ok(pb::compare::Op::Less) => CmpOp::Less,
         Ok(pb::compare::Op::Greater) => CmpOp::Greater,
-        Err(_) => return Err(Status::invalid_argument(format!("compare on {}: unknown operator {}", c.path, c.op))),
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "compare on {}: unknown operator {}",
+                c.path, c.op
+            )))
+        }
     };
     let target = match c.target {
         Some(pb::compare::Target::Exists(b)) => Target::Exists(b),
@@ -96,7 +101,12 @@ fn compare(c: pb::Compare, limits: &Limits) -> Result<Compare, Status> {
             value(&v, limits)?;
             Target::Value(v)
         }
-        None => return Err(Status::invalid_argument(format!("compare on {}: no target set", c.path))),
+        None => {
+            return Err(Status::invalid_argument(format!(
+                "compare on {}: no target set",
+                c.path
+            )))
+        }
     };
     if matches!(target, Target::Exists(_)) && matches!(op, CmpOp::Less | CmpOp::Greater) {
         return Err(Status::invalid_argument(format!(
@@ -119,8 +129,16 @@ pub fn txn(r: pb::TxnRequest, limits: &Limits) -> Result<Txn, Status> {
             .into_iter()
             .map(|c| compare(c, limits))
             .collect::<Result<_, _>>()?,
-        success: r.success.into_iter().map(|o| op(o, limits)).collect::<Result<_, _>>()?,
-        failure: r.failure.into_iter().map(|o| op(o, limits)).collect::<Result<_, _>>()?,
+        success: r
+            .success
+            .into_iter()
+            .map(|o| op(o, limits))
+            .collect::<Result<_, _>>()?,
+        failure: r
+            .failure
+            .into_iter()
+            .map(|o| op(o, limits))
+            .collect::<Result<_, _>>()?,
     })
 }
 

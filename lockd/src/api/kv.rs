@@ -22,20 +22,27 @@ impl KvService {
 
     /// Proposes a transaction and returns its outcome and revision.
     async fn run(&self, txn: Txn) -> Result<(TxnOutcome, u64), Status> {
-        let applied = self.node.propose(Command::Txn(txn)).await.map_err(node_status)?;
+        let applied = self
+            .node
+            .propose(Command::Txn(txn))
+            .await
+            .map_err(node_status)?;
         match applied.result.map_err(apply_status)? {
             AppliedResult::Txn(o) => Ok((o, applied.revision)),
-            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+            other => Err(Status::internal(format!(
+                "unexpected apply result {other:?}"
+            ))),
         }
     }
 
     async fn single(&self, op: Op) -> Result<(OpResult, u64), Status> {
-        let (mut outcome, rev) = self.run(Txn {
-            compares: vec![],
-            success: vec![op],
-            failure: vec![],
-        })
-        .await?;
+        let (mut outcome, rev) = self
+            .run(Txn {
+                compares: vec![],
+                success: vec![op],
+                failure: vec![],
+            })
+            .await?;
         let r = outcome
             .results
             .pop()
@@ -57,7 +64,10 @@ fn unexpected(r: OpResult) -> Status {
 
 #[tonic::async_trait]
 impl Kv for KvService {
-    async fn create(&self, req: Request<pb::CreateRequest>) -> Result<Response<pb::CreateResponse>, Status> {
+    async fn create(
+        &self,
+        req: Request<pb::CreateRequest>,
+    ) -> Result<Response<pb::CreateResponse>, Status> {
         observe(&self.node, "KV/Create", async {
             let op = convert::create(req.into_inner(), &self.node.config.limits)?;
             match self.single(op).await? {
@@ -106,7 +116,10 @@ impl Kv for KvService {
         .await
     }
 
-    async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
         observe(&self.node, "KV/Delete", async {
             let op = convert::delete(req.into_inner(), &self.node.config.limits)?;
             match self.single(op).await? {
@@ -120,7 +133,10 @@ impl Kv for KvService {
         .await
     }
 
-    async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+    async fn list(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
         observe(&self.node, "KV/List", async {
             let req = req.into_inner();
             convert::read_path(&req.path, &self.node.config.limits)?;

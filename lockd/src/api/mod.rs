@@ -35,7 +35,8 @@ where
         Ok(_) => Code::Ok,
         Err(s) => s.code(),
     };
-    node.metrics.observe_request(method, code, started.elapsed());
+    node.metrics
+        .observe_request(method, code, started.elapsed());
     if let Err(s) = &result {
         tracing::debug!(method, code = ?s.code(), message = s.message(), "request failed");
     }

@@ -50,9 +50,17 @@ impl PeerService {
                 me.node_id, env.to_instance, me.instance
             );
             self.node.set_fatal(reason.clone());
-            return Err(Status::permission_denied(reason));
+            // Not PERMISSION_DENIED: that code tells the *sender* it is the
+            // stale one, and here the stale one is this member.
+            return Err(Status::failed_precondition(reason));
         }
-        let bound = self.node.sm.read().state.instance_of(env.from_id).map(str::to_string);
+        let bound = self
+            .node
+            .sm
+            .read()
+            .state
+            .instance_of(env.from_id)
+            .map(str::to_string);
         if let Some(b) = bound {
             if !env.from_instance.is_empty() && b != env.from_instance {
                 return Err(Status::permission_denied(format!(
@@ -82,15 +90,26 @@ fn raft_unavailable(e: impl std::fmt::Display) -> Status {
 
 #[tonic::async_trait]
 impl RaftRpc for PeerService {
-    async fn append_entries(&self, req: Request<pb::PeerEnvelope>) -> Result<Response<pb::PeerReply>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<pb::PeerEnvelope>,
+    ) -> Result<Response<pb::PeerReply>, Status> {
         let env = req.into_inner();
         self.check(&env)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&env.payload).map_err(codec)?;
-        let resp = self.node.raft.append_entries(rpc).await.map_err(raft_unavailable)?;
+        let resp = self
+            .node
+            .raft
+            .append_entries(rpc)
+            .await
+            .map_err(raft_unavailable)?;
         reply(&resp)
     }
 
-    async fn vote(&self, req: Request<pb::PeerEnvelope>) -> Result<Response<pb::PeerReply>, Status> {
+    async fn vote(
+        &self,
+        req: Request<pb::PeerEnvelope>,
+    ) -> Result<Response<pb::PeerReply>, Status> {
         let env = req.into_inner();
         self.check(&env)?;
         let (pre, rpc): (bool, VoteRequest<TypeConfig>) = decode(&env.payload).map_err(codec)?;
@@ -103,11 +122,19 @@ impl RaftRpc for PeerService {
         reply(&resp)
     }
 
-    async fn transfer_leader(&self, req: Request<pb::PeerEnvelope>) -> Result<Response<pb::PeerReply>, Status> {
+    async fn transfer_leader(
+        &self,
+        req: Request<pb::PeerEnvelope>,
+    ) -> Result<Response<pb::PeerReply>, Status> {
         let env = req.into_inner();
         self.check(&env)?;
         let rpc: TransferLeaderRequest<TypeConfig> = decode(&env.payload).map_err(codec)?;
-        let resp = self.node.raft.handle_transfer_leader(rpc).await.map_err(raft_unavailable)?;
+        let resp = self
+            .node
+            .raft
+            .handle_transfer_leader(rpc)
+            .await
+            .map_err(raft_unavailable)?;
         reply(&resp)
     }
 
@@ -143,7 +170,10 @@ impl RaftRpc for PeerService {
         reply(&resp)
     }
 
-    async fn propose(&self, req: Request<pb::PeerEnvelope>) -> Result<Response<pb::PeerReply>, Status> {
+    async fn propose(
+        &self,
+        req: Request<pb::PeerEnvelope>,
+    ) -> Result<Response<pb::PeerReply>, Status> {
         observe(&self.node, "Raft/Propose", async {
             let env = req.into_inner();
             self.check(&env)?;
@@ -153,7 +183,10 @@ impl RaftRpc for PeerService {
         .await
     }
 
-    async fn read_index(&self, req: Request<pb::PeerEnvelope>) -> Result<Response<pb::PeerReply>, Status> {
+    async fn read_index(
+        &self,
+        req: Request<pb::PeerEnvelope>,
+    ) -> Result<Response<pb::PeerReply>, Status> {
         observe(&self.node, "Raft/ReadIndex", async {
             let env = req.into_inner();
             self.check(&env)?;

@@ -81,7 +81,10 @@ fn segment_name(seq: u64) -> String {
 }
 
 fn parse_segment(name: &str) -> Option<u64> {
-    name.strip_prefix("seg-")?.strip_suffix(".log")?.parse().ok()
+    name.strip_prefix("seg-")?
+        .strip_suffix(".log")?
+        .parse()
+        .ok()
 }
 
 /// Syncs a directory so renames and new files in it are durable.
@@ -117,9 +120,10 @@ impl LogStore {
         let vote_path = dir.join("vote");
         if vote_path.exists() {
             let bytes = fs::read(&vote_path)?;
-            mem.vote = Some(decode_checked(&bytes).map_err(|e| {
-                io::Error::new(e.kind(), format!("{}: {e}", vote_path.display()))
-            })?);
+            mem.vote =
+                Some(decode_checked(&bytes).map_err(|e| {
+                    io::Error::new(e.kind(), format!("{}: {e}", vote_path.display()))
+                })?);
         }
         let mut seqs: Vec<u64> = fs::read_dir(dir)?
             .filter_map(|e| e.ok())
@@ -187,7 +191,10 @@ impl LogStore {
 
 fn decode_checked<T: for<'a> Deserialize<'a>>(bytes: &[u8]) -> io::Result<T> {
     if bytes.len() < 8 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "record too short"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "record too short",
+        ));
     }
     let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
     let crc = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
@@ -195,7 +202,10 @@ fn decode_checked<T: for<'a> Deserialize<'a>>(bytes: &[u8]) -> io::Result<T> {
         .get(8..8 + len)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "record truncated"))?;
     if crc32fast::hash(payload) != crc {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "checksum mismatch"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "checksum mismatch",
+        ));
     }
     postcard::from_bytes(payload).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
@@ -381,8 +391,9 @@ impl Writer {
         // deleted. Records are decoded from what we are about to write.
         let mut off = 0usize;
         while off + 8 <= bytes.len() {
-            let len = u32::from_le_bytes([bytes[off], bytes[off + 1], bytes[off + 2], bytes[off + 3]])
-                as usize;
+            let len =
+                u32::from_le_bytes([bytes[off], bytes[off + 1], bytes[off + 2], bytes[off + 3]])
+                    as usize;
             if let Some(payload) = bytes.get(off + 8..off + 8 + len) {
                 match postcard::from_bytes::<Record>(payload) {
                     Ok(Record::Entry(e)) => {
@@ -466,7 +477,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -509,6 +524,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 mod tests {
     use super::*;
     use openraft::entry::RaftEntry;
+    use openraft::type_config::TypeConfigExt;
+    use openraft::vote::RaftLeaderId;
 
     fn entry(term: u64, index: u64) -> Entry {
         let lid = openraft::impls::leader_id_adv::LeaderId::<u64, u64>::new(term, 1).to_committed();
@@ -516,7 +533,7 @@ mod tests {
     }
 
     async fn append_sync(store: &mut LogStore, entries: Vec<Entry>) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (tx, rx) = TypeConfig::oneshot();
         store
             .append(entries, IOFlushed::signal(tx))
             .await
@@ -531,7 +548,9 @@ mod tests {
         {
             let mut s = LogStore::open(dir.path(), m.clone()).expect("open");
             append_sync(&mut s, (1..=10).map(|i| entry(1, i)).collect()).await;
-            s.truncate_after(Some(entry(1, 7).log_id)).await.expect("truncate");
+            s.truncate_after(Some(entry(1, 7).log_id))
+                .await
+                .expect("truncate");
             append_sync(&mut s, vec![entry(2, 8), entry(2, 9)]).await;
             s.purge(entry(1, 3).log_id).await.expect("purge");
             s.save_vote(&Vote::new(2, 1)).await.expect("vote");
@@ -542,8 +561,14 @@ mod tests {
         assert_eq!(st.last_purged_log_id.map(|l| l.index), Some(3));
         assert_eq!(st.last_log_id, Some(entry(2, 10).log_id));
         let got = s.try_get_log_entries(0..100).await.expect("read");
-        let ids: Vec<_> = got.iter().map(|e| (e.log_id.leader_id.term, e.log_id.index)).collect();
-        assert_eq!(ids, vec![(1, 4), (1, 5), (1, 6), (1, 7), (2, 8), (2, 9), (2, 10)]);
+        let ids: Vec<_> = got
+            .iter()
+            .map(|e| (e.log_id.leader_id.term, e.log_id.index))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![(1, 4), (1, 5), (1, 6), (1, 7), (2, 8), (2, 9), (2, 10)]
+        );
         assert_eq!(s.read_vote().await.expect("vote"), Some(Vote::new(2, 1)));
     }
 

@@ -32,8 +32,16 @@ use super::sm::StateMachineStore;
 use super::types::{Snapshot, SnapshotData, TypeConfig, Vote};
 use crate::identity::Identity;
 
-/// Marks a refusal that means "your node id belongs to another data dir".
+/// Marks a refusal that means "your node id belongs to another data dir"
+/// (sent with PERMISSION_DENIED to the stale sender only).
 pub const REFUSED_MARK: &str = "already used";
+
+/// HTTP/2 flow-control window for peer traffic: large enough that a batch
+/// of big entries is not throttled by window updates on loopback or LAN.
+pub const WINDOW: u32 = 8 * 1024 * 1024;
+
+/// Time allowed for an AppendEntries that carries entries.
+const ENTRIES_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Size of one snapshot chunk on the wire.
 const SNAPSHOT_CHUNK: usize = 1024 * 1024;
@@ -113,6 +121,8 @@ impl Peers {
         let ep = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| PeerError::Address(addr.to_string(), e.to_string()))?
             .connect_timeout(Duration::from_secs(1))
+            .initial_stream_window_size(Some(WINDOW))
+            .initial_connection_window_size(Some(WINDOW * 2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
@@ -197,7 +207,12 @@ fn unreachable(e: PeerError) -> RPCError<TypeConfig> {
 }
 
 impl PeerConn {
-    async fn call<Req, Resp, F, Fut>(&self, req: &Req, ttl: Duration, f: F) -> Result<Resp, PeerError>
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        req: &Req,
+        ttl: Duration,
+        f: F,
+    ) -> Result<Resp, PeerError>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -210,7 +225,9 @@ impl PeerConn {
             .await
             .map_err(|_| PeerError::Timeout(self.addr.clone()))?
             .map_err(|status| {
-                if status.code() == tonic::Code::PermissionDenied && status.message().contains(REFUSED_MARK) {
+                if status.code() == tonic::Code::PermissionDenied
+                    && status.message().contains(REFUSED_MARK)
+                {
                     self.peers.set_fatal(status.message().to_string());
                 }
                 PeerError::Status {
@@ -230,9 +247,18 @@ impl RaftNetworkV2<TypeConfig> for PeerConn {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, option.hard_ttl(), |mut c, env| async move { c.append_entries(env).await })
-            .await
-            .map_err(unreachable)
+        // openraft's budget is one heartbeat interval, right for heartbeats;
+        // entries also need an fsync on the follower and may be large.
+        let ttl = if rpc.entries.is_empty() {
+            option.hard_ttl()
+        } else {
+            option.hard_ttl().max(ENTRIES_TIMEOUT)
+        };
+        self.call(&rpc, ttl, |mut c, env| async move {
+            c.append_entries(env).await
+        })
+        .await
+        .map_err(unreachable)
     }
 
     async fn vote(
@@ -240,9 +266,11 @@ impl RaftNetworkV2<TypeConfig> for PeerConn {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&(false, rpc), option.hard_ttl(), |mut c, env| async move { c.vote(env).await })
-            .await
-            .map_err(unreachable)
+        self.call(&(false, rpc), option.hard_ttl(), |mut c, env| async move {
+            c.vote(env).await
+        })
+        .await
+        .map_err(unreachable)
     }
 
     async fn pre_vote(
@@ -250,9 +278,11 @@ impl RaftNetworkV2<TypeConfig> for PeerConn {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&(true, rpc), option.hard_ttl(), |mut c, env| async move { c.vote(env).await })
-            .await
-            .map_err(unreachable)
+        self.call(&(true, rpc), option.hard_ttl(), |mut c, env| async move {
+            c.vote(env).await
+        })
+        .await
+        .map_err(unreachable)
     }
 
     async fn transfer_leader(
@@ -260,9 +290,11 @@ impl RaftNetworkV2<TypeConfig> for PeerConn {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&req, option.hard_ttl(), |mut c, env| async move { c.transfer_leader(env).await })
-            .await
-            .map_err(unreachable)
+        self.call(&req, option.hard_ttl(), |mut c, env| async move {
+            c.transfer_leader(env).await
+        })
+        .await
+        .map_err(unreachable)
     }
 
     async fn full_snapshot(

@@ -179,7 +179,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> Result<(), io::Error> {
         let bytes = snapshot.into_inner();
         let file: SnapshotFile = decode_framed(&bytes)?;
         if file.meta.last_log_id != meta.last_log_id {

@@ -48,6 +48,7 @@ pub enum Op {
         /// Absolute path.
         path: String,
         /// Node data.
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         /// Create missing parents as empty nodes.
         parents: bool,
@@ -57,6 +58,7 @@ pub enum Op {
         /// Absolute path.
         path: String,
         /// Node data.
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         /// Require this version (0: must not exist).
         expected_version: Option<u64>,
@@ -104,7 +106,7 @@ pub enum Target {
     /// The node's mod revision (0 if absent).
     ModRevision(u64),
     /// The node's data (a compare on an absent node is false).
-    Value(Vec<u8>),
+    Value(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// A transaction condition.
@@ -122,6 +124,7 @@ pub struct Compare {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
     /// Node data.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     /// Number of data changes since creation (1 on create).
     pub version: u64,
@@ -139,6 +142,7 @@ pub struct NodeView {
     /// Absolute path.
     pub path: String,
     /// Data (empty when a listing omits it).
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     /// See [`Node::version`].
     pub version: u64,
@@ -423,7 +427,11 @@ impl State {
             shape(&c.path, "compare")?;
         }
         let succeeded = txn.compares.iter().all(|c| self.compare_holds(c));
-        let ops = if succeeded { &txn.success } else { &txn.failure };
+        let ops = if succeeded {
+            &txn.success
+        } else {
+            &txn.failure
+        };
         let mut results = Vec::with_capacity(ops.len());
         for (i, op) in ops.iter().enumerate() {
             let r = self.run_op(op, batch).map_err(|e| {
@@ -685,7 +693,11 @@ fn shape(p: &str, what: &str) -> Result<(), ApplyError> {
 fn view(path: &str, n: &Node, with_data: bool) -> NodeView {
     NodeView {
         path: path.to_string(),
-        data: if with_data { n.data.clone() } else { Vec::new() },
+        data: if with_data {
+            n.data.clone()
+        } else {
+            Vec::new()
+        },
         version: n.version,
         create_revision: n.create_revision,
         mod_revision: n.mod_revision,

@@ -156,11 +156,26 @@ mod tests {
     #[test]
     fn rejects_malformed_paths_with_the_reason() {
         assert_eq!(validate_shape(""), Err(PathError::Empty));
-        assert!(matches!(validate_shape("a"), Err(PathError::NotAbsolute(_))));
-        assert!(matches!(validate_shape("/a/"), Err(PathError::TrailingSlash(_))));
-        assert!(matches!(validate_shape("/a//b"), Err(PathError::EmptySegment(_))));
-        assert!(matches!(validate_shape("/a/../b"), Err(PathError::RelativeSegment(_))));
-        assert!(matches!(validate_shape("/a/./b"), Err(PathError::RelativeSegment(_))));
+        assert!(matches!(
+            validate_shape("a"),
+            Err(PathError::NotAbsolute(_))
+        ));
+        assert!(matches!(
+            validate_shape("/a/"),
+            Err(PathError::TrailingSlash(_))
+        ));
+        assert!(matches!(
+            validate_shape("/a//b"),
+            Err(PathError::EmptySegment(_))
+        ));
+        assert!(matches!(
+            validate_shape("/a/../b"),
+            Err(PathError::RelativeSegment(_))
+        ));
+        assert!(matches!(
+            validate_shape("/a/./b"),
+            Err(PathError::RelativeSegment(_))
+        ));
         assert!(matches!(validate_shape("/a\0"), Err(PathError::Nul(_))));
     }
 

@@ -78,7 +78,11 @@ fn create_requires_parent_unless_parents() {
     let mut s = State::default();
     let e = apply_err(&mut s, one(create("/x/y", "v")));
     assert_eq!(e.kind, ErrorKind::NotFound);
-    assert!(e.message.contains("parent /x does not exist"), "{}", e.message);
+    assert!(
+        e.message.contains("parent /x does not exist"),
+        "{}",
+        e.message
+    );
     apply_ok(
         &mut s,
         one(Op::Create {
@@ -142,8 +146,14 @@ fn delete_non_empty_needs_recursive_and_counts() {
     assert_eq!(o.results, vec![OpResult::Delete { deleted: 3 }]);
     assert!(s.get("/d/a/b").is_none());
     assert_eq!(s.get("/").map(|n| n.num_children), Some(0));
-    assert_eq!(apply_err(&mut s, one(del("/d", false))).kind, ErrorKind::NotFound);
-    assert_eq!(apply_err(&mut s, one(del("/", true))).kind, ErrorKind::InvalidArgument);
+    assert_eq!(
+        apply_err(&mut s, one(del("/d", false))).kind,
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        apply_err(&mut s, one(del("/", true))).kind,
+        ErrorKind::InvalidArgument
+    );
 }
 
 #[test]
@@ -203,7 +213,9 @@ fn compares_choose_the_branch() {
         Command::Txn(Txn {
             compares: vec![c(target, CmpOp::Equal)],
             success: vec![put("/cfg", "then")],
-            failure: vec![Op::Get { path: "/cfg".into() }],
+            failure: vec![Op::Get {
+                path: "/cfg".into(),
+            }],
         })
     };
     let o = apply_ok(&mut s, txn(Target::Version(1)));
@@ -275,7 +287,11 @@ fn node_ids_are_bound_once() {
     };
     assert_eq!(s.apply(&bind(1, "aaa")).0.result, Ok(AppliedResult::Bound));
     assert_eq!(s.apply(&bind(1, "aaa")).0.result, Ok(AppliedResult::Bound));
-    let e = s.apply(&bind(1, "bbb")).0.result.expect_err("rebind refused");
+    let e = s
+        .apply(&bind(1, "bbb"))
+        .0
+        .result
+        .expect_err("rebind refused");
     assert!(e.message.contains("already used"), "{}", e.message);
     assert_eq!(s.instance_of(1), Some("aaa"));
 }
