@@ -126,8 +126,30 @@ async fn snapshot_catch_up() {
             "snapshot index {}",
             snap.snapshot_index
         );
-        let ls = c.status(leader).await.expect("leader status");
-        assert!(ls.snapshot_index > 0, "leader status shows its snapshot");
+        // The log behind the snapshot is purged, so a new member cannot be
+        // caught up from the log: it must receive the snapshot.
+        let ls = wait_for(
+            WAIT,
+            "leader to purge its log behind the snapshot",
+            || async {
+                let s = c
+                    .status(leader)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("status: {e}"))?;
+                if s.snapshot_index > 0 && s.purged_index > 0 {
+                    Ok(s)
+                } else {
+                    anyhow::bail!(
+                        "snapshot_index {} purged_index {}",
+                        s.snapshot_index,
+                        s.purged_index
+                    )
+                }
+            },
+        )
+        .await
+        .expect("log purged behind snapshot");
+        assert!(ls.purged_index <= ls.snapshot_index);
 
         add_learner(&c, leader, 4).await;
         let s4 = wait_for(WAIT, "member 4 to be a learner with a snapshot", || async {
@@ -135,7 +157,9 @@ async fn snapshot_catch_up() {
                 .status(4)
                 .await
                 .map_err(|e| anyhow::anyhow!("status: {e}"))?;
-            if role_of(&s) == Role::Learner && s.snapshot_index > 0 {
+            // Its snapshot covers what the leader purged: it was installed
+            // from the leader, not built from a log it never had.
+            if role_of(&s) == Role::Learner && s.snapshot_index >= ls.purged_index {
                 Ok(s)
             } else {
                 anyhow::bail!("role {:?} snapshot_index {}", role_of(&s), s.snapshot_index)

@@ -183,6 +183,7 @@ impl Cluster for ClusterService {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 instance_id: self.node.identity.instance.clone(),
                 advertise_addr: self.node.config.advertise.clone(),
+                purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             }))
         })
         .await
