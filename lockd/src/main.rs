@@ -133,7 +133,7 @@ fn member_config(a: MemberArgs) -> anyhow::Result<Config> {
     if let Some(m) = a.initial_members {
         let members = parse_members(&m)?;
         match members.iter().find(|(i, _)| *i == id) {
-            Some((_, addr)) if a_matches(addr, &c.advertise) => {}
+            Some((_, addr)) if *addr == c.advertise => {}
             Some((_, addr)) => bail!(
                 "--initial-members lists node {id} at {addr}, but this member advertises {}",
                 c.advertise
@@ -157,10 +157,6 @@ fn member_config(a: MemberArgs) -> anyhow::Result<Config> {
     };
     c.request_timeout = Duration::from_millis(a.request_timeout_ms.max(100));
     Ok(c)
-}
-
-fn a_matches(listed: &str, advertise: &str) -> bool {
-    listed == advertise
 }
 
 async fn shutdown_signal() {
@@ -285,5 +281,67 @@ fn main() -> ExitCode {
             eprintln!("Error: {e:#}");
             ExitCode::from(if refused { 3 } else { 1 })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_members_parse_and_reject_bad_input() {
+        let m = parse_members("1=127.0.0.1:7001, 2=h:7002,3=h:7003").expect("valid");
+        assert_eq!(m[1], (2, "h:7002".to_string()));
+        for (bad, why) in [
+            ("1=h:1,1=h:2", "listed twice"),
+            ("0=h:1", "reserved"),
+            ("x=h:1", "not a node id"),
+            ("1", "not ID=HOST:PORT"),
+            ("1=host", "not HOST:PORT"),
+            ("", "empty"),
+        ] {
+            let e = parse_members(bad).expect_err(bad).to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+
+    fn args(extra: &[&str]) -> MemberArgs {
+        let mut argv = vec![
+            "lockd",
+            "--id",
+            "2",
+            "--data-dir",
+            "/tmp/x",
+            "--listen",
+            "127.0.0.1:7002",
+        ];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).expect("parse").member
+    }
+
+    #[test]
+    fn member_must_be_listed_at_its_advertised_address() {
+        let e = member_config(args(&[
+            "--initial-members",
+            "1=127.0.0.1:7001,3=127.0.0.1:7003",
+        ]))
+        .expect_err("not listed")
+        .to_string();
+        assert!(e.contains("does not list this member's id 2"), "{e}");
+        let e = member_config(args(&["--initial-members", "2=127.0.0.1:9999"]))
+            .expect_err("wrong address")
+            .to_string();
+        assert!(e.contains("advertises 127.0.0.1:7002"), "{e}");
+        let c = member_config(args(&["--initial-members", "2=127.0.0.1:7002"])).expect("ok");
+        assert_eq!(c.initial_members.len(), 1);
+        let e = member_config(args(&[
+            "--heartbeat-ms",
+            "500",
+            "--election-timeout-ms",
+            "400",
+        ]))
+        .expect_err("timeouts")
+        .to_string();
+        assert!(e.contains("--election-timeout-ms"), "{e}");
     }
 }
