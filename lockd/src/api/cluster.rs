@@ -85,6 +85,22 @@ impl ClusterService {
         members_of(&self.node)
     }
 
+    /// Runs a membership change on the leader and returns the membership
+    /// once this member has applied it.
+    async fn change(
+        &self,
+        change: impl Into<ChangeMembers<u64, BasicNode>>,
+        retain: bool,
+    ) -> Result<(Option<pb::ResponseHeader>, Vec<pb::Member>), Status> {
+        self.node
+            .raft
+            .change_membership(change, retain)
+            .await
+            .map_err(raft_status)?;
+        self.wait_membership_applied().await;
+        Ok((header(&self.node, self.rev()), self.members()))
+    }
+
     async fn wait_membership_applied(&self) {
         // Membership changes return once committed; status readers expect the
         // new membership to be visible on this member right after.
@@ -331,16 +347,8 @@ impl Cluster for ClusterService {
                     )));
                 }
             }
-            self.node
-                .raft
-                .change_membership(voters, !req.remove_dropped)
-                .await
-                .map_err(raft_status)?;
-            self.wait_membership_applied().await;
-            Ok(Response::new(pb::ChangeVotersResponse {
-                header: header(&self.node, self.rev()),
-                members: self.members(),
-            }))
+            let (header, members) = self.change(voters, !req.remove_dropped).await?;
+            Ok(Response::new(pb::ChangeVotersResponse { header, members }))
         })
         .await
     }
@@ -360,16 +368,10 @@ impl Cluster for ClusterService {
                     "node {id} is not a member; add it as a learner first"
                 )));
             }
-            self.node
-                .raft
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
-                .await
-                .map_err(raft_status)?;
-            self.wait_membership_applied().await;
-            Ok(Response::new(pb::PromoteResponse {
-                header: header(&self.node, self.rev()),
-                members: self.members(),
-            }))
+            let (header, members) = self
+                .change(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
+                .await?;
+            Ok(Response::new(pb::PromoteResponse { header, members }))
         })
         .await
     }
@@ -388,28 +390,16 @@ impl Cluster for ClusterService {
                 return Err(Status::not_found(format!("node {id} is not a member")));
             }
             let is_voter = m.membership_config.voter_ids().any(|v| v == id);
-            if is_voter {
-                let remaining = m.membership_config.voter_ids().filter(|v| *v != id).count();
-                if remaining == 0 {
+            let change = if is_voter {
+                if m.membership_config.voter_ids().all(|v| v == id) {
                     return Err(Status::failed_precondition("cannot remove the last voter"));
                 }
-                self.node
-                    .raft
-                    .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
-                    .await
-                    .map_err(raft_status)?;
+                ChangeMembers::RemoveVoters(BTreeSet::from([id]))
             } else {
-                self.node
-                    .raft
-                    .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
-                    .await
-                    .map_err(raft_status)?;
-            }
-            self.wait_membership_applied().await;
-            Ok(Response::new(pb::RemoveMemberResponse {
-                header: header(&self.node, self.rev()),
-                members: self.members(),
-            }))
+                ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+            };
+            let (header, members) = self.change(change, false).await?;
+            Ok(Response::new(pb::RemoveMemberResponse { header, members }))
         })
         .await
     }
