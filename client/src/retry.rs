@@ -94,6 +94,15 @@ pub(crate) fn is_connect_failure(status: &Status) -> bool {
     }) {
         return true;
     }
+    // Only codes a transport failure can carry: a definite answer from a
+    // handler (e.g. FAILED_PRECONDITION "cannot reach the new member at ...:
+    // tcp connect error") merely quotes someone else's connect error.
+    if !matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Internal
+    ) {
+        return false;
+    }
     let m = status.message().to_ascii_lowercase();
     [
         "tcp connect error",
@@ -322,6 +331,28 @@ mod tests {
                 Verdict::Fail(Error::Rpc(_))
             ));
         }
+    }
+
+    #[test]
+    fn quoted_connect_error_in_a_definite_answer_is_not_retried() {
+        // AddLearner's answer when the new member is unreachable.
+        let s = || {
+            Status::failed_precondition(
+                "cannot reach the new member at 127.0.0.1:1: tcp connect error",
+            )
+        };
+        assert!(!is_connect_failure(&s()));
+        for kind in [Kind::Read, Kind::Write] {
+            assert!(matches!(
+                classify(kind, s()),
+                Verdict::Fail(Error::FailedPrecondition(_))
+            ));
+        }
+        // A forwarding member that cannot connect to the leader: retried.
+        assert!(retries(
+            Kind::Write,
+            Status::unavailable("forward to leader: tcp connect error")
+        ));
     }
 
     #[test]

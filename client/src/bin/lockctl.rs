@@ -502,7 +502,17 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                 .await
                 .map_err(not_found_on(&path))?;
             if out == Output::Json {
-                print_json(&Value::Array(r.children.iter().map(node_json).collect()));
+                // Children come with metadata only (the server omits their
+                // data): do not print an empty "value" for them.
+                let children = r.children.iter().map(|c| {
+                    let mut v = node_json(c);
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("value");
+                        o.remove("value_hex");
+                    }
+                    v
+                });
+                print_json(&Value::Array(children.collect()));
             } else {
                 for c in &r.children {
                     let name = c.path.rsplit('/').next().unwrap_or(&c.path);

@@ -560,7 +560,7 @@ impl State {
         if !parents {
             return Err(ApplyError::new(
                 ErrorKind::NotFound,
-                format!("{what} {path}: parent {parent} does not exist (create it first, or pass parents)"),
+                format!("{what} {path}: parent {parent} does not exist (create it first, or request parents: lockctl --parents)"),
             ));
         }
         self.ensure_parent(parent, true, what, batch)?;
