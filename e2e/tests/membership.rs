@@ -435,3 +435,43 @@ async fn wiped_member_refused() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initialize_an_empty_member() {
+    let c = Cluster::start(0, ClusterOptions::default())
+        .await
+        .expect("empty harness");
+    bounded(Duration::from_secs(60), "initialize", async {
+        c.start_new_member(1)
+            .expect("start member without --initial-members");
+        c.wait_healthy(1, WAIT).await.expect("member up");
+        let s = c.status(1).await.expect("status");
+        assert_eq!(role_of(&s), Role::Uninitialized);
+        let e = put(
+            &mut c.kv_with_timeout(1, Duration::from_secs(30)),
+            "/i/x",
+            "1",
+        )
+        .await
+        .expect_err("an uninitialized member has no cluster to write to");
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+
+        c.cluster_client(1)
+            .initialize(lockd_e2e::v1::InitializeRequest { members: vec![] })
+            .await
+            .expect("Initialize");
+        assert_eq!(c.wait_for_leader(WAIT).await.expect("leader"), 1);
+        put(&mut c.kv(1), "/i/x", "1")
+            .await
+            .expect("write after initialize");
+        c.wait_ready(1, WAIT).await.expect("ready after initialize");
+
+        let again = c
+            .cluster_client(1)
+            .initialize(lockd_e2e::v1::InitializeRequest { members: vec![] })
+            .await
+            .expect_err("a second Initialize is refused");
+        assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
+    })
+    .await;
+}
