@@ -1,1 +1,277 @@
-fn main() {}
+//! lockbench: benchmarks lockd (and later etcd and ZooKeeper).
+//!
+//! * `lockbench run ...` drives an existing cluster.
+//! * `lockbench local [--quick|--smoke]` starts a 3-member lockd cluster with
+//!   the e2e harness and runs the standard suite (see docs/bench.md).
+
+mod fsync;
+mod local;
+mod report;
+mod target;
+mod workload;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::report::{Machine, Row};
+use crate::workload::{Kind, Spec};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lockbench",
+    version,
+    about = "Benchmarks lockd (later etcd and ZooKeeper)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run one workload against an existing cluster.
+    Run(RunArgs),
+    /// Start a local 3-member lockd cluster and run the standard suite.
+    Local(LocalArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// System under test.
+    #[arg(long, default_value = "lockd")]
+    target: String,
+    /// Comma-separated HOST:PORT (or http://HOST:PORT) endpoints; clients are
+    /// spread over them round-robin, one connection per client.
+    #[arg(long, value_delimiter = ',', required = true)]
+    endpoints: Vec<String>,
+    #[arg(long, value_enum, default_value = "write")]
+    workload: Kind,
+    /// Concurrent clients (closed loop: one request in flight each).
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    /// Measured duration, e.g. 10s, 500ms, 1m.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Unmeasured warm-up before the measured window.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Number of keys written before a read workload and read at random.
+    #[arg(long, default_value_t = 1000)]
+    read_keys: usize,
+    /// Serializable (local, possibly stale) reads instead of linearizable.
+    #[arg(long)]
+    serializable: bool,
+    /// Per-request timeout.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    rpc_timeout: Duration,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(clap::Args, Debug)]
+struct LocalArgs {
+    /// 3 s per workload and 100 fsync rounds instead of 10 s and 200.
+    #[arg(long, conflicts_with = "smoke")]
+    quick: bool,
+    /// ~1 s per workload; exit non-zero unless every workload completed at
+    /// least one op without errors (for CI).
+    #[arg(long)]
+    smoke: bool,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?} (e.g. 10s, 500ms, 1m)"))?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" => v,
+        "m" => v * 60.0,
+        _ => return Err(format!("bad duration unit in {s:?} (ms, s or m)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("bad duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[derive(Serialize)]
+struct JsonReport<'a, T: Serialize> {
+    command: String,
+    machine: Machine,
+    rows: &'a [Row],
+    result: &'a T,
+}
+
+fn emit<T: Serialize>(output: Output, title: &str, rows: &[Row], result: &T) -> Result<()> {
+    let machine = Machine::detect();
+    let command = report::command_line();
+    match output {
+        Output::Table => print!("{}", report::markdown(title, &machine, &command, rows)),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&JsonReport {
+                command,
+                machine,
+                rows,
+                result,
+            })?
+        ),
+    }
+    Ok(())
+}
+
+async fn cmd_run(a: RunArgs) -> Result<bool> {
+    let target = target::by_name(&a.target, a.rpc_timeout)?;
+    let name = match (a.workload, a.serializable) {
+        (Kind::Write, _) => format!("write, {} clients", a.clients),
+        (Kind::Read, false) => format!("linearizable read, {} clients", a.clients),
+        (Kind::Read, true) => format!("serializable read, {} clients", a.clients),
+    };
+    let spec = Spec {
+        name,
+        kind: a.workload,
+        serializable: a.serializable,
+        clients: a.clients,
+        duration: a.duration,
+        warmup: a.warmup,
+        value_size: a.value_size,
+        read_keys: a.read_keys,
+        endpoints: a.endpoints,
+    };
+    let out = workload::run(target.as_ref(), &spec).await?;
+    let rows = local::workload_rows(&out, true);
+    for s in &out.error_samples {
+        eprintln!("lockbench: error sample: {s}");
+    }
+    emit(
+        a.output,
+        &format!("lockbench run: {}", target.name()),
+        &rows,
+        &out,
+    )?;
+    Ok(out.clean())
+}
+
+async fn cmd_local(a: LocalArgs) -> Result<bool> {
+    let mode = if a.smoke {
+        local::Mode::Smoke
+    } else if a.quick {
+        local::Mode::Quick
+    } else {
+        local::Mode::Full
+    };
+    let target = target::Lockd {
+        rpc_timeout: Duration::from_secs(10),
+    };
+    let res = local::run_suite(&target, mode).await?;
+    for o in &res.workloads {
+        for s in &o.error_samples {
+            eprintln!("lockbench: {}: error sample: {s}", o.spec.name);
+        }
+    }
+    for n in &res.notes {
+        eprintln!("lockbench: note: {n}");
+    }
+    let rows = local::rows(&res);
+    emit(
+        a.output,
+        "lockbench local: 3-member lockd cluster",
+        &rows,
+        &res,
+    )?;
+    Ok(res.clean())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("build the Tokio runtime")
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lockbench: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let res = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Run(a) => cmd_run(a).await,
+            Cmd::Local(a) => cmd_local(a).await,
+        }
+    });
+    match res {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("lockbench: some workload completed no op or saw errors");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("lockbench: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("3h").is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        Cli::try_parse_from([
+            "lockbench",
+            "run",
+            "--target",
+            "lockd",
+            "--endpoints",
+            "a:1,b:2",
+            "--workload",
+            "read",
+            "--clients",
+            "4",
+            "--duration",
+            "2s",
+            "--serializable",
+            "-o",
+            "json",
+        ])
+        .map(|_| ())
+        .unwrap_or_else(|e| panic!("{e}"));
+        Cli::try_parse_from(["lockbench", "local", "--quick"])
+            .map(|_| ())
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
