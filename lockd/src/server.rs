@@ -11,6 +11,7 @@ use axum::routing::get;
 use lockd_proto::v1::cluster_server::ClusterServer;
 use lockd_proto::v1::kv_server::KvServer;
 use lockd_proto::v1::raft_server::RaftServer;
+use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -108,6 +109,16 @@ pub async fn run(
         .saturating_mul(2)
         .max(4 << 20)
         + (64 << 10);
+    // tonic applies its TCP options only to listeners it binds itself; with
+    // our own listener every accepted socket needs TCP_NODELAY set here, or
+    // small responses wait for the peer's delayed ACK (~40 ms).
+    let incoming = TcpListenerStream::new(grpc).map(|conn| {
+        let conn = conn?;
+        if let Err(e) = conn.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set on an accepted connection");
+        }
+        Ok::<_, std::io::Error>(conn)
+    });
     let mut stop = stop_rx.clone();
     let served = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -127,7 +138,7 @@ pub async fn run(
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
         })
         .await;
