@@ -322,6 +322,24 @@ impl LockdNode {
         Ok(None)
     }
 
+    /// After `leader` could not be reached (or could not confirm its
+    /// leadership): take a new leader as soon as one is known, or retry the
+    /// same one after a short backoff; give up with `last` at the deadline.
+    async fn after_unreachable(
+        &self,
+        leader: u64,
+        last: String,
+        backoff: &mut Duration,
+        deadline: Instant,
+    ) -> Result<Option<u64>, NodeError> {
+        if Instant::now() >= deadline {
+            return Err(NodeError::Unavailable(last));
+        }
+        let retry_at = (Instant::now() + *backoff * 4).min(deadline);
+        *backoff = (*backoff * 2).min(Duration::from_millis(100));
+        Ok(self.wait_new_leader(Some(leader), retry_at).await.ok())
+    }
+
     fn leader_deadline(&self) -> Instant {
         Instant::now()
             + self
@@ -356,14 +374,9 @@ impl LockdNode {
                         .await?;
                 }
                 ProposeReply::Unavailable(m) => {
-                    if Instant::now() >= deadline {
-                        return Err(NodeError::Unavailable(m));
-                    }
-                    // The leader we knew is unreachable: wait for a new one.
-                    match self.wait_new_leader(Some(leader), deadline).await {
-                        Ok(n) => hint = Some(n),
-                        Err(_) => return Err(NodeError::Unavailable(m)),
-                    }
+                    hint = self
+                        .after_unreachable(leader, m, &mut backoff, deadline)
+                        .await?;
                 }
             }
         }
@@ -449,10 +462,9 @@ impl LockdNode {
                         .await?;
                 }
                 ReadIndexReply::Unavailable(m) => {
-                    match self.wait_new_leader(Some(leader), deadline).await {
-                        Ok(n) => hint = Some(n),
-                        Err(_) => return Err(NodeError::Unavailable(m)),
-                    }
+                    hint = self
+                        .after_unreachable(leader, m, &mut backoff, deadline)
+                        .await?;
                 }
             }
         };

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use futures::StreamExt;
 use lockd_proto::v1::cluster_server::ClusterServer;
 use lockd_proto::v1::kv_server::KvServer;
 use lockd_proto::v1::raft_server::RaftServer;
-use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
