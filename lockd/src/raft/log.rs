@@ -190,24 +190,13 @@ impl LogStore {
 }
 
 fn decode_checked<T: for<'a> Deserialize<'a>>(bytes: &[u8]) -> io::Result<T> {
-    if bytes.len() < 8 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "record too short",
-        ));
-    }
-    let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
-    let crc = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
-    let payload = bytes
-        .get(8..8 + len)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "record truncated"))?;
-    if crc32fast::hash(payload) != crc {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "checksum mismatch",
-        ));
-    }
-    postcard::from_bytes(payload).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    postcard::from_bytes(checked_payload(bytes)?)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Verifies a frame written by [`encode_checked`] and returns its payload.
+pub fn checked_payload(bytes: &[u8]) -> io::Result<&[u8]> {
+    frame_payload(bytes).map_err(|why| io::Error::new(io::ErrorKind::InvalidData, why))
 }
 
 /// Encodes a value with the length+checksum framing used on disk.
@@ -298,6 +287,21 @@ fn read_record(r: &mut impl Read) -> Result<(usize, Vec<u8>), &'static str> {
         return Err("checksum mismatch");
     }
     Ok((len, payload))
+}
+
+/// Checks the frame at the start of an in-memory buffer and returns its
+/// payload without copying it.
+fn frame_payload(bytes: &[u8]) -> Result<&[u8], &'static str> {
+    if bytes.len() < 8 {
+        return Err("partial header");
+    }
+    let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+    let crc = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    let payload = bytes.get(8..8 + len).ok_or("partial record")?;
+    if crc32fast::hash(payload) != crc {
+        return Err("checksum mismatch");
+    }
+    Ok(payload)
 }
 
 fn open_segment(dir: &Path, seq: u64) -> io::Result<File> {
