@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "lockd/v1/kv.proto",
         "lockd/v1/cluster.proto",
         "lockd/v1/raft.proto",
+        "lockd/v1/session.proto",
+        "lockd/v1/watch.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

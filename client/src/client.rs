@@ -171,6 +171,18 @@ impl Client {
         &self.inner.opts
     }
 
+    /// The endpoint to use first, and how many there are.
+    pub(crate) fn current_endpoint(&self) -> (usize, usize) {
+        let n = self.inner.channels.len();
+        (self.inner.current.load(Ordering::Relaxed) % n, n)
+    }
+
+    /// The name and channel of endpoint `idx`.
+    pub(crate) fn channel_at(&self, idx: usize) -> (&str, Channel) {
+        let i = idx % self.inner.channels.len();
+        (&self.inner.endpoints[i], self.inner.channels[i].clone())
+    }
+
     /// The admin/membership API of the cluster.
     pub fn cluster(&self) -> Cluster {
         Cluster {
@@ -249,6 +261,7 @@ impl Client {
             path: path.into(),
             data: data.into(),
             parents: false,
+            ..Default::default()
         })
         .await
     }

@@ -126,6 +126,7 @@ async fn bad_input() {
                 path: "/data/dir/child".into(),
                 data: b"c".to_vec(),
                 parents: true,
+                ..Default::default()
             })
             .await
             .expect("create /data/dir/child")
@@ -147,6 +148,7 @@ async fn bad_input() {
                     path: p.into(),
                     data: vec![],
                     parents: true,
+                    ..Default::default()
                 })
                 .await;
             assert_code(&format!("create {p:?}"), r, Code::InvalidArgument);
@@ -203,6 +205,7 @@ async fn bad_input() {
                 path: "/data/x".into(),
                 data: b"other".to_vec(),
                 parents: false,
+                ..Default::default()
             })
             .await;
         assert_code("create existing", r, Code::AlreadyExists);

@@ -10,8 +10,12 @@
 //!   binds its node id to its data dir.
 //! - [`api`]: the gRPC services (KV, Cluster, and the peer Raft service).
 //! - [`server`]: serves a member on its gRPC and HTTP ports.
+//! - [`sessions`]: the leader's session clocks: keepalives, expiry and TTL
+//!   checkpoints, all decided here and applied through Raft.
 //! - [`identity`]: the cluster id, node id and instance recorded in a data dir.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`watch`]: watch streams: the history of recent events and the fan-out
+//!   of applied events to subscribers.
 
 pub mod api;
 pub mod identity;
@@ -19,4 +23,6 @@ pub mod metrics;
 pub mod node;
 pub mod raft;
 pub mod server;
+pub mod sessions;
 pub mod store;
+pub mod watch;

@@ -85,6 +85,31 @@ struct MemberArgs {
     /// Upper bound on one client request, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     request_timeout_ms: u64,
+    /// Shortest session TTL granted, in milliseconds.
+    #[arg(long, default_value_t = 1_000)]
+    session_min_ttl_ms: u64,
+    /// Longest session TTL granted, in milliseconds.
+    #[arg(long, default_value_t = 300_000)]
+    session_max_ttl_ms: u64,
+    /// How often the leader checkpoints sessions' remaining TTLs, in
+    /// milliseconds (bounds how much a leader change can extend a dead
+    /// session).
+    #[arg(long, default_value_t = 1_000)]
+    session_checkpoint_ms: u64,
+    /// Revisions of watch history kept in memory; watches may start from any
+    /// of them (older ones are compacted).
+    #[arg(long, default_value_t = 100_000)]
+    watch_history_revisions: u64,
+    /// Approximate bytes of watch history kept in memory.
+    #[arg(long, default_value_t = 64 << 20)]
+    watch_history_bytes: usize,
+    /// Revisions queued per watch before a watcher that does not keep up is
+    /// cancelled (it resumes from the revision named in the reason).
+    #[arg(long, default_value_t = 1024)]
+    watch_buffer: usize,
+    /// Progress notices go to watches idle this long, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    watch_progress_interval_ms: u64,
 }
 
 fn parse_members(s: &str) -> anyhow::Result<Vec<(u64, String)>> {
@@ -156,6 +181,26 @@ fn member_config(a: MemberArgs) -> anyhow::Result<Config> {
         max_value_bytes: a.max_value_bytes,
     };
     c.request_timeout = Duration::from_millis(a.request_timeout_ms.max(100));
+    if a.session_min_ttl_ms == 0 || a.session_max_ttl_ms < a.session_min_ttl_ms {
+        bail!("--session-min-ttl-ms must be > 0 and at most --session-max-ttl-ms");
+    }
+    if a.session_checkpoint_ms == 0 {
+        bail!("--session-checkpoint-ms must be > 0");
+    }
+    c.sessions = lockd::sessions::SessionConfig {
+        min_ttl: Duration::from_millis(a.session_min_ttl_ms),
+        max_ttl: Duration::from_millis(a.session_max_ttl_ms),
+        checkpoint_interval: Duration::from_millis(a.session_checkpoint_ms),
+    };
+    if a.watch_history_revisions == 0 || a.watch_buffer == 0 || a.watch_progress_interval_ms == 0 {
+        bail!("--watch-history-revisions, --watch-buffer and --watch-progress-interval-ms must be > 0");
+    }
+    c.watch = lockd::watch::WatchConfig {
+        max_revisions: a.watch_history_revisions,
+        max_bytes: a.watch_history_bytes,
+        buffer: a.watch_buffer,
+    };
+    c.watch_progress_interval = Duration::from_millis(a.watch_progress_interval_ms);
     Ok(c)
 }
 

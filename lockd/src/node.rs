@@ -27,6 +27,8 @@ use crate::raft::log::LogStore;
 use crate::raft::network::{decode, encode, Network, PeerError, Peers};
 use crate::raft::sm::StateMachineStore;
 use crate::raft::types::{Metrics as RaftMetrics, Raft, Request};
+use crate::sessions::{SessionConfig, Tracker};
+use crate::watch::{WatchConfig, WatchHub};
 use crate::store::path::Limits;
 use crate::store::{Applied, Command};
 
@@ -57,6 +59,12 @@ pub struct Config {
     pub limits: Limits,
     /// Upper bound on one client request, including waiting for a leader.
     pub request_timeout: Duration,
+    /// Session TTL bounds and checkpointing.
+    pub sessions: SessionConfig,
+    /// Watch history and per-watcher buffer limits.
+    pub watch: WatchConfig,
+    /// Progress notices go to watches idle this long.
+    pub watch_progress_interval: Duration,
 }
 
 impl Config {
@@ -76,6 +84,9 @@ impl Config {
             snapshot_threshold: 10_000,
             limits: Limits::default(),
             request_timeout: Duration::from_secs(10),
+            sessions: SessionConfig::default(),
+            watch: WatchConfig::default(),
+            watch_progress_interval: Duration::from_secs(10),
         }
     }
 }
@@ -98,6 +109,9 @@ pub enum NodeError {
     /// A member-internal failure.
     #[error("{0}")]
     Internal(String),
+    /// The session is unknown, closed or expired.
+    #[error("{0}")]
+    SessionExpired(String),
 }
 
 /// The reply to a forwarded write.
@@ -122,6 +136,17 @@ pub enum ReadIndexReply {
     NotLeader(Option<u64>),
     /// Leadership could not be confirmed.
     Unavailable(String),
+}
+
+/// The reply to a keepalive (forwarded or local).
+#[derive(Debug, Serialize, Deserialize)]
+pub enum KeepAliveReply {
+    /// Renewed; the TTL.
+    Ttl(u64),
+    /// The session is unknown, closed or expired.
+    Expired,
+    /// The receiver does not lead (or has not started its clocks yet).
+    NotLeader(Option<u64>),
 }
 
 /// Fatal conditions that stop the member.
@@ -152,6 +177,10 @@ pub struct LockdNode {
     pub peers: Peers,
     /// Metrics.
     pub metrics: Metrics,
+    /// Session clocks (meaningful on the leader).
+    pub sessions: Arc<Tracker>,
+    /// Watch history and subscribers (served by this member).
+    pub watch: Arc<WatchHub>,
 }
 
 fn raft_err<E: std::fmt::Display>(e: E) -> StartError {
@@ -168,6 +197,10 @@ impl LockdNode {
         )?);
         let log = LogStore::open(&config.data_dir.join("raft"), metrics.clone())?;
         let sm = StateMachineStore::open(config.data_dir.join("snapshot"))?;
+        let (sessions, session_signals) = Tracker::new(config.sessions);
+        sm.add_hook(sessions.clone());
+        let watch = WatchHub::new(config.watch);
+        sm.add_hook(watch.clone());
         let peers = Peers::new(identity.clone(), sm.clone(), config.request_timeout);
         let et = config.election_timeout.as_millis() as u64;
         let raft_config = openraft::Config {
@@ -206,11 +239,14 @@ impl LockdNode {
             sm,
             peers,
             metrics,
+            sessions,
+            watch,
         });
         if !node.config.initial_members.is_empty() {
             node.initialize_if_new().await?;
         }
         tokio::spawn(bind_identity(node.clone()));
+        tokio::spawn(crate::sessions::run(node.clone(), session_signals));
         Ok(node)
     }
 
@@ -477,6 +513,74 @@ impl LockdNode {
                 NodeError::Unavailable(format!("this member did not catch up in time: {e}"))
             })?;
         Ok(())
+    }
+
+    /// Renews a session on this member, which believes it leads.
+    pub fn keepalive_local(&self, session_id: u64) -> KeepAliveReply {
+        let m = self.raft_metrics();
+        if m.state != ServerState::Leader {
+            return KeepAliveReply::NotLeader(m.current_leader.filter(|l| *l != self.config.id));
+        }
+        let ttl = self.sm.read().state.session(session_id).map(|s| s.ttl_ms);
+        if !self.sessions.is_leading() {
+            // Elected, but the clocks start on the next turn of the session
+            // task: ask again in a moment.
+            return KeepAliveReply::NotLeader(None);
+        }
+        match self.sessions.keepalive(session_id, ttl) {
+            Some(ttl) => KeepAliveReply::Ttl(ttl),
+            None => KeepAliveReply::Expired,
+        }
+    }
+
+    /// Renews a session through the leader; Ok(ttl), or Err(FailedPrecondition
+    /// "session expired") if the session is gone.
+    pub async fn keepalive(&self, session_id: u64) -> Result<u64, NodeError> {
+        let deadline = self.leader_deadline();
+        let mut hint: Option<u64> = None;
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let leader = match hint.take() {
+                Some(l) => l,
+                None => self.wait_leader(deadline).await?,
+            };
+            let reply = if leader == self.config.id {
+                self.keepalive_local(session_id)
+            } else {
+                match self.forward_keepalive(leader, session_id).await {
+                    Ok(r) => r,
+                    Err(m) => {
+                        hint = self.after_unreachable(leader, m, &mut backoff, deadline).await?;
+                        continue;
+                    }
+                }
+            };
+            match reply {
+                KeepAliveReply::Ttl(t) => return Ok(t),
+                KeepAliveReply::Expired => {
+                    return Err(NodeError::SessionExpired(format!(
+                        "session {session_id} expired or does not exist"
+                    )))
+                }
+                KeepAliveReply::NotLeader(next) => {
+                    hint = self.next_leader(leader, next, &mut backoff, deadline).await?;
+                }
+            }
+        }
+    }
+
+    async fn forward_keepalive(&self, leader: u64, session_id: u64) -> Result<KeepAliveReply, String> {
+        let addr = self
+            .addr_of(leader)
+            .ok_or_else(|| format!("leader {leader} has no known address"))?;
+        let mut client = self.peers.client(&addr).map_err(|e| e.to_string())?;
+        let payload = encode(&session_id).map_err(|e| e.to_string())?;
+        let env = self.peers.envelope(leader, payload);
+        match tokio::time::timeout(self.config.request_timeout, client.keep_alive(env)).await {
+            Ok(Ok(r)) => decode(&r.into_inner().payload).map_err(|e| e.to_string()),
+            Ok(Err(s)) => Err(format!("leader {leader}: {}", s.message())),
+            Err(_) => Err(format!("leader {leader} did not answer in time")),
+        }
     }
 
     /// Confirms leadership and returns the read index (on the leader).

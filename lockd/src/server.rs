@@ -12,12 +12,16 @@ use futures::StreamExt;
 use lockd_proto::v1::cluster_server::ClusterServer;
 use lockd_proto::v1::kv_server::KvServer;
 use lockd_proto::v1::raft_server::RaftServer;
+use lockd_proto::v1::session_server::SessionServer;
+use lockd_proto::v1::watch_server::WatchServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::cluster::ClusterService;
 use crate::api::kv::KvService;
 use crate::api::peer::PeerService;
+use crate::api::session::SessionService;
+use crate::api::watch::WatchService;
 use crate::node::{Config, LockdNode, StartError};
 
 /// Why a member stopped with an error.
@@ -120,6 +124,7 @@ pub async fn run(
         Ok::<_, std::io::Error>(conn)
     });
     let mut stop = stop_rx.clone();
+    let hub = node.watch.clone();
     let served = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(crate::raft::network::WINDOW))
@@ -133,6 +138,8 @@ pub async fn run(
             ClusterServer::new(ClusterService::new(node.clone()))
                 .max_decoding_message_size(max_msg),
         )
+        .add_service(SessionServer::new(SessionService::new(node.clone())))
+        .add_service(WatchServer::new(WatchService::new(node.clone())))
         .add_service(
             RaftServer::new(PeerService::new(node.clone()))
                 .max_decoding_message_size(usize::MAX)
@@ -140,6 +147,8 @@ pub async fn run(
         )
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
+            // Graceful shutdown waits for open streams: end the watches.
+            hub.close("member shutting down");
         })
         .await;
     watcher.abort();

@@ -157,6 +157,25 @@ enum Cmd {
     },
     /// Make the contacted member take a snapshot.
     Snapshot,
+    /// Stream changes of PATH, one line per event, until Ctrl-C
+    /// (`PUT /path value rev=N`, `DELETE /path rev=N`; JSON lines with -o json).
+    /// Resumes on another member when the serving one fails.
+    Watch {
+        /// Absolute path (the key, subtree root or prefix).
+        path: String,
+        /// Watch every path that starts with PATH (string prefix).
+        #[arg(long, conflicts_with = "subtree")]
+        prefix: bool,
+        /// Watch PATH and every node below it.
+        #[arg(long)]
+        subtree: bool,
+        /// First revision to show (default: changes from now on).
+        #[arg(long, value_name = "N")]
+        from_rev: Option<u64>,
+        /// Include each node's previous value.
+        #[arg(long)]
+        prev: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -446,6 +465,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                     path: key.clone(),
                     data: value.into_bytes(),
                     parents,
+                    ..Default::default()
                 })
                 .await?;
             if out == Output::Json {
@@ -570,6 +590,13 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                 println!("leader is now {}", r.leader_id);
             }
         }
+        Cmd::Watch {
+            path,
+            prefix,
+            subtree,
+            from_rev,
+            prev,
+        } => watch(&client, out, path, prefix, subtree, from_rev, prev).await?,
         Cmd::Snapshot => {
             let r = client.cluster().snapshot().await?;
             let member = r.header.as_ref().map(|h| h.member_id).unwrap_or(0);
@@ -721,5 +748,79 @@ async fn status(client: &Client, out: Output) -> Result<(), Fail> {
             results.len(),
             failed.join(", ")
         )))
+    }
+}
+
+fn event_line(out: Output, e: &lockd_client::WatchEvent) -> String {
+    use lockd_client::WatchEventKind;
+    let kind = match e.kind {
+        WatchEventKind::Put => "PUT",
+        WatchEventKind::Delete => "DELETE",
+    };
+    if out == Output::Json {
+        let mut v = json!({"type": kind, "path": e.node.path, "revision": e.revision});
+        if e.kind == WatchEventKind::Put {
+            v["node"] = node_json(&e.node);
+        }
+        if let Some(p) = &e.prev_node {
+            v["prev_node"] = node_json(p);
+        }
+        return v.to_string();
+    }
+    let mut line = match e.kind {
+        WatchEventKind::Put => format!(
+            "PUT {} {} rev={}",
+            e.node.path,
+            String::from_utf8_lossy(&e.node.data),
+            e.revision
+        ),
+        WatchEventKind::Delete => format!("DELETE {} rev={}", e.node.path, e.revision),
+    };
+    if let Some(p) = &e.prev_node {
+        line.push_str(&format!(" prev={}", String::from_utf8_lossy(&p.data)));
+    }
+    line
+}
+
+async fn watch(
+    client: &Client,
+    out: Output,
+    path: String,
+    prefix: bool,
+    subtree: bool,
+    from_rev: Option<u64>,
+    prev: bool,
+) -> Result<(), Fail> {
+    use lockd_client::{WatchOptions, WatchScope};
+    use std::io::Write;
+    let opts = WatchOptions {
+        path,
+        scope: if prefix {
+            WatchScope::Prefix
+        } else if subtree {
+            WatchScope::Subtree
+        } else {
+            WatchScope::Key
+        },
+        start_revision: from_rev.unwrap_or(0),
+        prev_node: prev,
+        wait_caught_up: from_rev.is_none(),
+        ..WatchOptions::default()
+    };
+    let mut w = client.watch(opts);
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            e = w.next() => {
+                let e = e?;
+                let mut stdout = std::io::stdout().lock();
+                if writeln!(stdout, "{}", event_line(out, &e)).and_then(|_| stdout.flush()).is_err() {
+                    // stdout closed (e.g. piped into head): done.
+                    return Ok(());
+                }
+            }
+        }
     }
 }

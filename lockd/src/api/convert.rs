@@ -5,7 +5,7 @@ use lockd_proto::v1 as pb;
 use tonic::Status;
 
 use crate::store::path::{validate_key, validate_value, Limits};
-use crate::store::{CmpOp, Compare, NodeView, Op, OpResult, Target, Txn};
+use crate::store::{CmpOp, Compare, CreateMode, NodeView, Op, OpResult, RequestId, Target, Txn};
 
 fn key(path: &str, limits: &Limits) -> Result<(), Status> {
     validate_key(path, limits).map_err(|e| Status::invalid_argument(e.to_string()))
@@ -24,17 +24,48 @@ pub fn node(v: NodeView) -> pb::Node {
         create_revision: v.create_revision,
         mod_revision: v.mod_revision,
         num_children: v.num_children,
+        ephemeral_owner: v.ephemeral_owner,
+        container: v.container,
     }
+}
+
+fn request_id(session_id: u64, id: String) -> Result<Option<RequestId>, Status> {
+    if id.is_empty() {
+        return Ok(None);
+    }
+    if id.len() > 256 {
+        return Err(Status::invalid_argument(format!(
+            "request id is {} bytes, over the limit of 256",
+            id.len()
+        )));
+    }
+    Ok(Some(RequestId { session_id, id }))
+}
+
+/// The request id of a create, if it has one.
+pub fn create_request_id(r: &pb::CreateRequest) -> Result<Option<RequestId>, Status> {
+    request_id(r.session_id, r.request_id.clone())
 }
 
 /// Validates and converts a create request.
 pub fn create(r: pb::CreateRequest, limits: &Limits) -> Result<Op, Status> {
     key(&r.path, limits)?;
     value(&r.data, limits)?;
+    if r.session_id != 0 && r.container {
+        return Err(Status::invalid_argument(format!(
+            "create {}: a node cannot be both ephemeral and a container",
+            r.path
+        )));
+    }
     Ok(Op::Create {
         path: r.path,
         data: r.data,
         parents: r.parents,
+        mode: CreateMode {
+            session_id: r.session_id,
+            sequential: r.sequential,
+            container: r.container,
+        },
     })
 }
 
@@ -123,7 +154,9 @@ fn compare(c: pb::Compare, limits: &Limits) -> Result<Compare, Status> {
 
 /// Validates and converts a transaction.
 pub fn txn(r: pb::TxnRequest, limits: &Limits) -> Result<Txn, Status> {
+    let request = request_id(r.request_session_id, r.request_id)?;
     Ok(Txn {
+        request,
         compares: r
             .compare
             .into_iter()

@@ -7,7 +7,7 @@ use lockd_proto::v1::kv_server::Kv;
 use tonic::{Request, Response, Status};
 
 use super::{apply_status, convert, header, node_status, observe, NodeRef};
-use crate::store::{AppliedResult, Command, Op, OpResult, Txn, TxnOutcome};
+use crate::store::{AppliedResult, Command, Op, OpResult, RequestId, Txn, TxnOutcome};
 
 /// The KV service.
 pub struct KvService {
@@ -35,12 +35,13 @@ impl KvService {
         }
     }
 
-    async fn single(&self, op: Op) -> Result<(OpResult, u64), Status> {
+    async fn single(&self, op: Op, request: Option<RequestId>) -> Result<(OpResult, u64), Status> {
         let (mut outcome, rev) = self
             .run(Txn {
                 compares: vec![],
                 success: vec![op],
                 failure: vec![],
+                request,
             })
             .await?;
         let r = outcome
@@ -69,8 +70,10 @@ impl Kv for KvService {
         req: Request<pb::CreateRequest>,
     ) -> Result<Response<pb::CreateResponse>, Status> {
         observe(&self.node, "KV/Create", async {
-            let op = convert::create(req.into_inner(), &self.node.config.limits)?;
-            match self.single(op).await? {
+            let req = req.into_inner();
+            let request = convert::create_request_id(&req)?;
+            let op = convert::create(req, &self.node.config.limits)?;
+            match self.single(op, request).await? {
                 (OpResult::Create(n), rev) => Ok(Response::new(pb::CreateResponse {
                     header: header(&self.node, rev),
                     node: Some(convert::node(n)),
@@ -84,7 +87,7 @@ impl Kv for KvService {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         observe(&self.node, "KV/Put", async {
             let op = convert::put(req.into_inner(), &self.node.config.limits)?;
-            match self.single(op).await? {
+            match self.single(op, None).await? {
                 (OpResult::Put { node, created }, rev) => Ok(Response::new(pb::PutResponse {
                     header: header(&self.node, rev),
                     node: Some(convert::node(node)),
@@ -122,7 +125,7 @@ impl Kv for KvService {
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         observe(&self.node, "KV/Delete", async {
             let op = convert::delete(req.into_inner(), &self.node.config.limits)?;
-            match self.single(op).await? {
+            match self.single(op, None).await? {
                 (OpResult::Delete { deleted }, rev) => Ok(Response::new(pb::DeleteResponse {
                     header: header(&self.node, rev),
                     deleted,

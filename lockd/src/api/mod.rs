@@ -10,6 +10,8 @@ pub mod cluster;
 pub mod convert;
 pub mod kv;
 pub mod peer;
+pub mod session;
+pub mod watch;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -62,6 +64,7 @@ pub fn node_status(e: NodeError) -> Status {
         NodeError::FailedPrecondition(m) => Status::failed_precondition(m),
         NodeError::InvalidArgument(m) => Status::invalid_argument(m),
         NodeError::Internal(m) => Status::internal(m),
+        NodeError::SessionExpired(m) => Status::not_found(format!("session expired: {m}")),
     }
 }
 
@@ -72,6 +75,7 @@ pub fn apply_status(e: ApplyError) -> Status {
         ErrorKind::AlreadyExists => Status::already_exists(e.message),
         ErrorKind::FailedPrecondition => Status::failed_precondition(e.message),
         ErrorKind::InvalidArgument => Status::invalid_argument(e.message),
+        ErrorKind::SessionExpired => Status::not_found(format!("session expired: {}", e.message)),
     }
 }
 

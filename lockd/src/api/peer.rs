@@ -183,6 +183,16 @@ impl RaftRpc for PeerService {
         .await
     }
 
+    async fn keep_alive(
+        &self,
+        req: Request<pb::PeerEnvelope>,
+    ) -> Result<Response<pb::PeerReply>, Status> {
+        let env = req.into_inner();
+        self.check(&env)?;
+        let session_id: u64 = decode(&env.payload).map_err(codec)?;
+        reply(&self.node.keepalive_local(session_id))
+    }
+
     async fn read_index(
         &self,
         req: Request<pb::PeerEnvelope>,

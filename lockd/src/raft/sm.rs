@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::log::{checked_payload, decode_framed, encode_checked, write_atomic};
 use super::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
-use crate::store::{Applied, AppliedResult, State};
+use crate::store::{Applied, AppliedResult, Command, Event, State};
 
 #[derive(Serialize, Deserialize)]
 struct SnapshotFile {
@@ -39,9 +39,33 @@ pub struct Applier {
     pub last_membership: StoredMembership,
 }
 
+/// Observes what the state machine applies, on every member, in log order.
+///
+/// Called with the state machine's write lock held: implementations must be
+/// quick and must not block (push to a buffer, `try_send`, notify).
+pub trait ApplyHook: Send + Sync + 'static {
+    /// A command was applied at log `index`, leaving the cluster at
+    /// `revision`, with this result and these events (empty if nothing
+    /// in the tree changed).
+    fn applied(
+        &self,
+        index: u64,
+        revision: u64,
+        command: &Command,
+        result: &Applied,
+        events: &[Event],
+    );
+
+    /// The state was replaced wholesale (loaded at start or installed from
+    /// a snapshot) and now stands at `revision`; no events exist for what
+    /// came before.
+    fn reset(&self, revision: u64, state: &State);
+}
+
 struct Shared {
     data: RwLock<Applier>,
     dir: PathBuf,
+    hooks: RwLock<Vec<Arc<dyn ApplyHook>>>,
 }
 
 /// The state machine handed to openraft; clones share one state.
@@ -69,8 +93,30 @@ impl StateMachineStore {
             shared: Arc::new(Shared {
                 data: RwLock::new(applier),
                 dir,
+                hooks: RwLock::new(Vec::new()),
             }),
         })
+    }
+
+    /// Registers an observer of applied commands. It is told the current
+    /// state at once (`reset`), then every apply from here on.
+    pub fn add_hook(&self, hook: Arc<dyn ApplyHook>) {
+        // Hold the state lock so no apply slips between reset and registration.
+        let data = self.write();
+        hook.reset(data.state.revision(), &data.state);
+        self.shared
+            .hooks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hook);
+    }
+
+    fn hooks(&self) -> Vec<Arc<dyn ApplyHook>> {
+        self.shared
+            .hooks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Read access to the applied state (serializable reads).
@@ -152,6 +198,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
+        let hooks = self.hooks();
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
             let applied = {
@@ -162,7 +209,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         revision: data.state.revision(),
                         result: Ok(AppliedResult::None),
                     },
-                    EntryPayload::Normal(req) => data.state.apply(&req.command).0,
+                    EntryPayload::Normal(req) => {
+                        let index = entry.log_id.index;
+                        let (applied, events) = data.state.apply(index, &req.command);
+                        for h in &hooks {
+                            h.applied(index, applied.revision, &req.command, &applied, &events);
+                        }
+                        applied
+                    }
                     EntryPayload::Membership(m) => {
                         data.last_membership = StoredMembership::new(Some(entry.log_id), m);
                         Applied {
@@ -204,6 +258,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         data.state = file.state;
         data.last_applied = meta.last_log_id;
         data.last_membership = meta.last_membership.clone();
+        for h in self.hooks() {
+            h.reset(data.state.revision(), &data.state);
+        }
         tracing::info!(last_log_id = ?meta.last_log_id, "snapshot installed");
         Ok(())
     }
@@ -238,6 +295,7 @@ mod tests {
                         parents: true,
                     }],
                     failure: vec![],
+                    request: None,
                 }),
             },
         )

@@ -25,6 +25,18 @@ impl fmt::Display for Request {
                 t.failure.len()
             ),
             crate::store::Command::BindInstance { node_id, .. } => write!(f, "bind({node_id})"),
+            crate::store::Command::OpenSession { ttl_ms } => {
+                write!(f, "open-session(ttl={ttl_ms}ms)")
+            }
+            crate::store::Command::CloseSession { session_id } => {
+                write!(f, "close-session({session_id})")
+            }
+            crate::store::Command::ExpireSessions { session_ids } => {
+                write!(f, "expire-sessions({})", session_ids.len())
+            }
+            crate::store::Command::CheckpointSessions { remaining } => {
+                write!(f, "checkpoint-sessions({})", remaining.len())
+            }
         }
     }
 }

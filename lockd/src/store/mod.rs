@@ -1,18 +1,24 @@
 //! The deterministic state machine: an in-memory tree of nodes (as in
-//! ZooKeeper), the cluster revision and the table binding node ids to data-dir
+//! ZooKeeper), sessions and their ephemeral nodes, the cluster revision, the
+//! table of recent request ids, and the table binding node ids to data-dir
 //! instances.
 //!
 //! It owns: applying committed commands, all-or-nothing transactions, the
-//! revision counter, and the events each apply produces.
+//! revision counter, sequence counters, container cleanup, and the events
+//! each apply produces.
 //! It must never: read a clock, a random number, the local member's identity
 //! or configuration. Every member applies the same commands in the same order
-//! and must reach the same state, so everything a command needs travels in it.
+//! and must reach the same state, so everything a command needs travels in it
+//! (the only outside input is the log index, which names new sessions).
 
 pub mod path;
+mod session;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+
+pub use session::{Session, MAX_REQUESTS_PER_SESSION, MAX_REQUESTS_WITHOUT_SESSION};
 
 /// A command proposed through Raft.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +33,38 @@ pub enum Command {
         /// Random id fixed when the member's data dir was created.
         instance: String,
     },
+    /// Open a session; its id is the log index of this command.
+    OpenSession {
+        /// Granted time to live (already clamped by the leader).
+        ttl_ms: u64,
+    },
+    /// Close a session and delete its ephemeral nodes.
+    CloseSession {
+        /// The session.
+        session_id: u64,
+    },
+    /// Expire sessions (decided by the leader's clock) and delete their
+    /// ephemeral nodes, all at one revision.
+    ExpireSessions {
+        /// The sessions.
+        session_ids: Vec<u64>,
+    },
+    /// Record each session's remaining time to live, so a new leader does
+    /// not restart dead sessions' clocks from their full TTL.
+    CheckpointSessions {
+        /// (session id, remaining milliseconds).
+        remaining: Vec<(u64, u64)>,
+    },
+}
+
+/// Names a request so a retry returns the first attempt's result instead of
+/// applying twice (Curator's protected mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestId {
+    /// Session that scopes the id (0: no session, a bounded global table).
+    pub session_id: u64,
+    /// Client-chosen id, unique per session.
+    pub id: String,
 }
 
 /// A transaction (ZooKeeper `multi`, etcd `Txn`).
@@ -38,6 +76,19 @@ pub struct Txn {
     pub success: Vec<Op>,
     /// Ops run otherwise.
     pub failure: Vec<Op>,
+    /// Deduplicates retries of this transaction.
+    pub request: Option<RequestId>,
+}
+
+/// What kind of node a create makes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateMode {
+    /// Owner session of an ephemeral node (0: persistent).
+    pub session_id: u64,
+    /// Append a 10-digit counter, unique and increasing under the parent.
+    pub sequential: bool,
+    /// A container: deleted by the server once its last child is gone.
+    pub container: bool,
 }
 
 /// One operation of a transaction.
@@ -45,13 +96,15 @@ pub struct Txn {
 pub enum Op {
     /// Create a node; fails if it exists.
     Create {
-        /// Absolute path.
+        /// Absolute path (the prefix, for a sequential node).
         path: String,
         /// Node data.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         /// Create missing parents as empty nodes.
         parents: bool,
+        /// Ephemeral, sequential, container.
+        mode: CreateMode,
     },
     /// Create or replace a node's data.
     Put {
@@ -134,6 +187,30 @@ pub struct Node {
     pub mod_revision: u64,
     /// Names of the children.
     pub children: BTreeSet<String>,
+    /// Owner session of an ephemeral node (0: persistent).
+    pub ephemeral_owner: u64,
+    /// Deleted by the server once its last child is gone.
+    pub container: bool,
+    /// Number of children ever created (a container with none is kept).
+    pub cversion: u64,
+    /// Next sequence number for a sequential child.
+    pub seq: u64,
+}
+
+impl Node {
+    fn new(data: Vec<u8>, revision: u64, mode: CreateMode) -> Node {
+        Node {
+            data,
+            version: 1,
+            create_revision: revision,
+            mod_revision: revision,
+            children: BTreeSet::new(),
+            ephemeral_owner: mode.session_id,
+            container: mode.container,
+            cversion: 0,
+            seq: 0,
+        }
+    }
 }
 
 /// A node as returned to clients.
@@ -152,12 +229,16 @@ pub struct NodeView {
     pub mod_revision: u64,
     /// Number of children.
     pub num_children: u32,
+    /// See [`Node::ephemeral_owner`].
+    pub ephemeral_owner: u64,
+    /// See [`Node::container`].
+    pub container: bool,
 }
 
 /// The result of one op.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpResult {
-    /// The created node.
+    /// The created node (its path includes the sequence number).
     Create(NodeView),
     /// The node after the put.
     Put {
@@ -196,6 +277,8 @@ pub enum ErrorKind {
     FailedPrecondition,
     /// The request is malformed.
     InvalidArgument,
+    /// The session does not exist (closed, expired or never opened).
+    SessionExpired,
 }
 
 /// Why a transaction (or a bind) was refused; nothing was changed.
@@ -217,18 +300,25 @@ impl ApplyError {
     }
 }
 
+/// Put or delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    /// Created or changed.
+    Put,
+    /// Deleted.
+    Delete,
+}
+
 /// What happened to a node in a committed write; feeds watches.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Event {
-    /// Created or changed.
-    Put(NodeView),
-    /// Deleted.
-    Delete {
-        /// Path of the deleted node.
-        path: String,
-        /// Revision of the deletion.
-        mod_revision: u64,
-    },
+pub struct Event {
+    /// Put or delete.
+    pub kind: EventKind,
+    /// The node after the change; for a delete, its path with
+    /// `mod_revision` set to the deleting revision and no data.
+    pub node: NodeView,
+    /// The node before the change, if it existed.
+    pub prev: Option<NodeView>,
 }
 
 /// The outcome of applying one command.
@@ -247,6 +337,22 @@ pub enum AppliedResult {
     Txn(TxnOutcome),
     /// An instance was bound (or already was).
     Bound,
+    /// A session was opened.
+    SessionOpened {
+        /// Its id.
+        session_id: u64,
+        /// Its time to live.
+        ttl_ms: u64,
+    },
+    /// Sessions were closed or expired.
+    SessionsEnded {
+        /// Sessions that existed and ended.
+        sessions: u64,
+        /// Ephemeral (and emptied container) nodes deleted.
+        deleted: u64,
+    },
+    /// Remaining TTLs were recorded.
+    Checkpointed,
     /// Nothing to report (blank and membership entries).
     None,
 }
@@ -260,6 +366,11 @@ enum Undo {
         mod_revision: u64,
     },
     Deleted(String, Node),
+    Counters {
+        path: String,
+        seq: u64,
+        cversion: u64,
+    },
 }
 
 /// The replicated state.
@@ -268,6 +379,9 @@ pub struct State {
     nodes: BTreeMap<String, Node>,
     revision: u64,
     instances: BTreeMap<u64, String>,
+    sessions: BTreeMap<u64, Session>,
+    /// Results of recent requests without a session, oldest first.
+    global_requests: session::RequestTable,
 }
 
 impl Default for State {
@@ -275,27 +389,39 @@ impl Default for State {
         let mut nodes = BTreeMap::new();
         nodes.insert(
             "/".to_string(),
-            Node {
-                data: Vec::new(),
-                version: 0,
-                create_revision: 0,
-                mod_revision: 0,
-                children: BTreeSet::new(),
-            },
+            Node::new(Vec::new(), 0, CreateMode::default()),
         );
+        if let Some(root) = nodes.get_mut("/") {
+            root.version = 0;
+        }
         State {
             nodes,
             revision: 0,
             instances: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            global_requests: session::RequestTable::default(),
         }
     }
 }
 
-/// Scratch state of one transaction: its revision, undo log and events.
+/// Scratch state of one write: its revision, undo log, events and the
+/// containers that may have become empty.
 struct Batch {
     revision: u64,
     undo: Vec<Undo>,
     events: Vec<Event>,
+    emptied: BTreeSet<String>,
+}
+
+impl Batch {
+    fn new(revision: u64) -> Batch {
+        Batch {
+            revision,
+            undo: Vec::new(),
+            events: Vec::new(),
+            emptied: BTreeSet::new(),
+        }
+    }
 }
 
 impl State {
@@ -343,58 +469,83 @@ impl State {
         Some((view(path, node, true), children))
     }
 
-    /// Applies a command. On error nothing changes and the revision stays.
-    pub fn apply(&mut self, cmd: &Command) -> (Applied, Vec<Event>) {
-        match cmd {
-            Command::Txn(txn) => {
-                let mut batch = Batch {
-                    revision: self.revision + 1,
-                    undo: Vec::new(),
-                    events: Vec::new(),
-                };
-                match self.run_txn(txn, &mut batch) {
-                    Ok(outcome) => {
-                        if !batch.undo.is_empty() {
-                            self.revision = batch.revision;
-                        }
-                        let applied = Applied {
-                            revision: self.revision,
-                            result: Ok(AppliedResult::Txn(outcome)),
-                        };
-                        (applied, batch.events)
-                    }
-                    Err(e) => {
-                        self.rollback(batch.undo);
-                        let applied = Applied {
-                            revision: self.revision,
-                            result: Err(e),
-                        };
-                        (applied, Vec::new())
-                    }
+    /// Applies a command committed at log `index`. On error nothing changes
+    /// and the revision stays.
+    pub fn apply(&mut self, index: u64, cmd: &Command) -> (Applied, Vec<Event>) {
+        let (result, events) = match cmd {
+            Command::Txn(txn) => self.apply_txn(txn),
+            Command::BindInstance { node_id, instance } => {
+                (self.bind(*node_id, instance), Vec::new())
+            }
+            Command::OpenSession { ttl_ms } => (Ok(self.open_session(index, *ttl_ms)), Vec::new()),
+            Command::CloseSession { session_id } => {
+                if !self.sessions.contains_key(session_id) {
+                    (Err(session::expired(*session_id)), Vec::new())
+                } else {
+                    self.end_sessions(&[*session_id])
                 }
             }
-            Command::BindInstance { node_id, instance } => {
-                let result = match self.instances.get(node_id) {
-                    None => {
-                        self.instances.insert(*node_id, instance.clone());
-                        Ok(AppliedResult::Bound)
-                    }
-                    Some(bound) if bound == instance => Ok(AppliedResult::Bound),
-                    Some(bound) => Err(ApplyError::new(
-                        ErrorKind::FailedPrecondition,
-                        format!(
-                            "node id {node_id} was already used by this cluster (data dir instance {bound}); \
-                             a member with an empty data dir must join as a new member with a new id"
-                        ),
-                    )),
-                };
-                (
-                    Applied {
-                        revision: self.revision,
-                        result,
-                    },
-                    Vec::new(),
-                )
+            Command::ExpireSessions { session_ids } => self.end_sessions(session_ids),
+            Command::CheckpointSessions { remaining } => {
+                self.checkpoint(remaining);
+                (Ok(AppliedResult::Checkpointed), Vec::new())
+            }
+        };
+        (
+            Applied {
+                revision: self.revision,
+                result,
+            },
+            events,
+        )
+    }
+
+    fn bind(&mut self, node_id: u64, instance: &str) -> Result<AppliedResult, ApplyError> {
+        match self.instances.get(&node_id) {
+            None => {
+                self.instances.insert(node_id, instance.to_string());
+                Ok(AppliedResult::Bound)
+            }
+            Some(bound) if bound == instance => Ok(AppliedResult::Bound),
+            Some(bound) => Err(ApplyError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "node id {node_id} was already used by this cluster (data dir instance {bound}); \
+                     a member with an empty data dir must join as a new member with a new id"
+                ),
+            )),
+        }
+    }
+
+    fn apply_txn(&mut self, txn: &Txn) -> (Result<AppliedResult, ApplyError>, Vec<Event>) {
+        if let Some(req) = &txn.request {
+            match self.recent(req) {
+                Err(e) => return (Err(e), Vec::new()),
+                Ok(Some((_revision, outcome))) => {
+                    // A retry: the first attempt's result, nothing applied.
+                    return (Ok(AppliedResult::Txn(outcome)), Vec::new());
+                }
+                Ok(None) => {}
+            }
+        }
+        let mut batch = Batch::new(self.revision + 1);
+        let run = self.run_txn(txn, &mut batch);
+        if run.is_ok() {
+            self.remove_empty_containers(&mut batch);
+        }
+        match run {
+            Ok(outcome) => {
+                if !batch.undo.is_empty() {
+                    self.revision = batch.revision;
+                }
+                if let Some(req) = &txn.request {
+                    self.remember(req, self.revision, &outcome);
+                }
+                (Ok(AppliedResult::Txn(outcome)), batch.events)
+            }
+            Err(e) => {
+                self.rollback(batch.undo);
+                (Err(e), Vec::new())
             }
         }
     }
@@ -456,16 +607,37 @@ impl State {
                 path,
                 data,
                 parents,
+                mode,
             } => {
                 shape(path, "create")?;
-                if self.nodes.contains_key(path) {
+                if path == "/" {
+                    return Err(ApplyError::new(
+                        ErrorKind::AlreadyExists,
+                        "create /: the root always exists",
+                    ));
+                }
+                if mode.session_id != 0 && !self.sessions.contains_key(&mode.session_id) {
+                    return Err(session::expired(mode.session_id));
+                }
+                if mode.session_id != 0 && mode.container {
+                    return Err(ApplyError::new(
+                        ErrorKind::InvalidArgument,
+                        format!("create {path}: a node cannot be both ephemeral and a container"),
+                    ));
+                }
+                self.ensure_parent(path, *parents, "create", batch)?;
+                let path = if mode.sequential {
+                    self.next_sequential(path, batch)
+                } else {
+                    path.clone()
+                };
+                if self.nodes.contains_key(&path) {
                     return Err(ApplyError::new(
                         ErrorKind::AlreadyExists,
                         format!("create {path}: node already exists"),
                     ));
                 }
-                self.ensure_parent(path, *parents, "create", batch)?;
-                let node = self.insert(path, data.clone(), batch);
+                let node = self.insert(&path, data.clone(), *mode, batch);
                 Ok(OpResult::Create(node))
             }
             Op::Put {
@@ -493,7 +665,7 @@ impl State {
                     })
                 } else {
                     self.ensure_parent(path, *parents, "put", batch)?;
-                    let node = self.insert(path, data.clone(), batch);
+                    let node = self.insert(path, data.clone(), CreateMode::default(), batch);
                     Ok(OpResult::Put {
                         node,
                         created: true,
@@ -554,7 +726,13 @@ impl State {
         let Some(parent) = path::parent(path) else {
             return Ok(());
         };
-        if self.nodes.contains_key(parent) {
+        if let Some(p) = self.nodes.get(parent) {
+            if p.ephemeral_owner != 0 {
+                return Err(ApplyError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("{what} {path}: parent {parent} is ephemeral and cannot have children"),
+                ));
+            }
             return Ok(());
         }
         if !parents {
@@ -564,42 +742,71 @@ impl State {
             ));
         }
         self.ensure_parent(parent, true, what, batch)?;
-        self.insert(parent, Vec::new(), batch);
+        self.insert(parent, Vec::new(), CreateMode::default(), batch);
         Ok(())
     }
 
-    fn insert(&mut self, path: &str, data: Vec<u8>, batch: &mut Batch) -> NodeView {
-        let node = Node {
-            data,
-            version: 1,
-            create_revision: batch.revision,
-            mod_revision: batch.revision,
-            children: BTreeSet::new(),
+    /// The path of the next sequential child for `prefix`, advancing the
+    /// parent's counter.
+    fn next_sequential(&mut self, prefix: &str, batch: &mut Batch) -> String {
+        let parent = path::parent(prefix).unwrap_or("/");
+        let Some(p) = self.nodes.get_mut(parent) else {
+            return prefix.to_string();
         };
+        batch.undo.push(Undo::Counters {
+            path: parent.to_string(),
+            seq: p.seq,
+            cversion: p.cversion,
+        });
+        let n = p.seq;
+        p.seq += 1;
+        format!("{prefix}{n:010}")
+    }
+
+    fn insert(
+        &mut self,
+        path: &str,
+        data: Vec<u8>,
+        mode: CreateMode,
+        batch: &mut Batch,
+    ) -> NodeView {
+        let node = Node::new(data, batch.revision, mode);
         let v = view(path, &node, true);
         self.nodes.insert(path.to_string(), node);
         if let Some(parent) = path::parent(path) {
             if let Some(p) = self.nodes.get_mut(parent) {
+                batch.undo.push(Undo::Counters {
+                    path: parent.to_string(),
+                    seq: p.seq,
+                    cversion: p.cversion,
+                });
                 p.children.insert(path::name(path).to_string());
+                p.cversion += 1;
+            }
+        }
+        if mode.session_id != 0 {
+            if let Some(s) = self.sessions.get_mut(&mode.session_id) {
+                s.ephemerals.insert(path.to_string());
             }
         }
         batch.undo.push(Undo::Created(path.to_string()));
-        batch.events.push(Event::Put(v.clone()));
+        batch.events.push(Event {
+            kind: EventKind::Put,
+            node: v.clone(),
+            prev: None,
+        });
         v
     }
 
     fn modify(&mut self, path: &str, data: Vec<u8>, batch: &mut Batch) -> NodeView {
         let Some(node) = self.nodes.get_mut(path) else {
-            // Callers check existence first; an absent node is a no-op.
-            return NodeView {
-                path: path.to_string(),
-                data: Vec::new(),
-                version: 0,
-                create_revision: 0,
-                mod_revision: 0,
-                num_children: 0,
-            };
+            return view(
+                path,
+                &Node::new(Vec::new(), 0, CreateMode::default()),
+                false,
+            );
         };
+        let prev = view(path, node, true);
         let old = std::mem::replace(&mut node.data, data);
         batch.undo.push(Undo::Modified {
             path: path.to_string(),
@@ -610,7 +817,11 @@ impl State {
         node.version += 1;
         node.mod_revision = batch.revision;
         let v = view(path, node, true);
-        batch.events.push(Event::Put(v.clone()));
+        batch.events.push(Event {
+            kind: EventKind::Put,
+            node: v.clone(),
+            prev: Some(prev),
+        });
         v
     }
 
@@ -623,27 +834,76 @@ impl State {
         for c in children {
             deleted += self.remove_subtree(&path::join(path, &c), batch);
         }
-        if let Some(node) = self.nodes.remove(path) {
-            if let Some(parent) = path::parent(path) {
-                if let Some(p) = self.nodes.get_mut(parent) {
-                    p.children.remove(path::name(path));
-                }
-            }
-            batch.undo.push(Undo::Deleted(path.to_string(), node));
-            batch.events.push(Event::Delete {
-                path: path.to_string(),
-                mod_revision: batch.revision,
-            });
+        if self.remove_node(path, batch) {
             deleted += 1;
         }
         deleted
+    }
+
+    /// Removes one childless node; records undo and the event.
+    fn remove_node(&mut self, path: &str, batch: &mut Batch) -> bool {
+        let Some(node) = self.nodes.remove(path) else {
+            return false;
+        };
+        if let Some(parent) = path::parent(path) {
+            if let Some(p) = self.nodes.get_mut(parent) {
+                p.children.remove(path::name(path));
+                if p.container && p.children.is_empty() {
+                    batch.emptied.insert(parent.to_string());
+                }
+            }
+        }
+        if node.ephemeral_owner != 0 {
+            if let Some(s) = self.sessions.get_mut(&node.ephemeral_owner) {
+                s.ephemerals.remove(path);
+            }
+        }
+        let prev = view(path, &node, true);
+        batch.events.push(Event {
+            kind: EventKind::Delete,
+            node: NodeView {
+                path: path.to_string(),
+                data: Vec::new(),
+                version: 0,
+                create_revision: node.create_revision,
+                mod_revision: batch.revision,
+                num_children: 0,
+                ephemeral_owner: node.ephemeral_owner,
+                container: node.container,
+            },
+            prev: Some(prev),
+        });
+        batch.undo.push(Undo::Deleted(path.to_string(), node));
+        true
+    }
+
+    /// Deletes containers left without children (after having had one),
+    /// deepest first, cascading up. Returns how many went.
+    fn remove_empty_containers(&mut self, batch: &mut Batch) -> u64 {
+        let mut removed = 0;
+        while let Some(path) = batch.emptied.pop_last() {
+            let gone = match self.nodes.get(&path) {
+                Some(n) => path != "/" && n.container && n.children.is_empty() && n.cversion > 0,
+                None => false,
+            };
+            if gone && self.remove_node(&path, batch) {
+                removed += 1;
+            }
+        }
+        removed
     }
 
     fn rollback(&mut self, undo: Vec<Undo>) {
         for u in undo.into_iter().rev() {
             match u {
                 Undo::Created(path) => {
-                    self.nodes.remove(&path);
+                    if let Some(node) = self.nodes.remove(&path) {
+                        if node.ephemeral_owner != 0 {
+                            if let Some(s) = self.sessions.get_mut(&node.ephemeral_owner) {
+                                s.ephemerals.remove(&path);
+                            }
+                        }
+                    }
                     if let Some(parent) = path::parent(&path) {
                         if let Some(p) = self.nodes.get_mut(parent) {
                             p.children.remove(path::name(&path));
@@ -668,7 +928,22 @@ impl State {
                             p.children.insert(path::name(&path).to_string());
                         }
                     }
+                    if node.ephemeral_owner != 0 {
+                        if let Some(s) = self.sessions.get_mut(&node.ephemeral_owner) {
+                            s.ephemerals.insert(path.clone());
+                        }
+                    }
                     self.nodes.insert(path, node);
+                }
+                Undo::Counters {
+                    path,
+                    seq,
+                    cversion,
+                } => {
+                    if let Some(n) = self.nodes.get_mut(&path) {
+                        n.seq = seq;
+                        n.cversion = cversion;
+                    }
                 }
             }
         }
@@ -702,6 +977,8 @@ fn view(path: &str, n: &Node, with_data: bool) -> NodeView {
         create_revision: n.create_revision,
         mod_revision: n.mod_revision,
         num_children: u32::try_from(n.children.len()).unwrap_or(u32::MAX),
+        ephemeral_owner: n.ephemeral_owner,
+        container: n.container,
     }
 }
 

@@ -14,6 +14,7 @@ fn create(path: &str, data: &str) -> Op {
         path: path.into(),
         data: data.as_bytes().to_vec(),
         parents: false,
+        mode: CreateMode::default(),
     }
 }
 
@@ -30,18 +31,19 @@ fn one(op: Op) -> Command {
         compares: vec![],
         success: vec![op],
         failure: vec![],
+        request: None,
     })
 }
 
 fn apply_ok(s: &mut State, cmd: Command) -> TxnOutcome {
-    match s.apply(&cmd).0.result {
+    match s.apply(0, &cmd).0.result {
         Ok(AppliedResult::Txn(o)) => o,
         other => panic!("expected txn outcome, got {other:?}"),
     }
 }
 
 fn apply_err(s: &mut State, cmd: Command) -> ApplyError {
-    match s.apply(&cmd).0.result {
+    match s.apply(0, &cmd).0.result {
         Err(e) => e,
         other => panic!("expected error, got {other:?}"),
     }
@@ -60,6 +62,7 @@ fn revision_grows_by_one_per_write_txn_only() {
             compares: vec![],
             success: vec![put("/b", "x"), put("/c", "y"), put("/a", "2")],
             failure: vec![],
+            request: None,
         }),
     );
     assert_eq!(s.revision(), 2);
@@ -89,6 +92,7 @@ fn create_requires_parent_unless_parents() {
             path: "/x/y/z".into(),
             data: b"v".to_vec(),
             parents: true,
+            mode: CreateMode::default(),
         }),
     );
     assert_eq!(s.get("/x").map(|n| n.num_children), Some(1));
@@ -175,6 +179,7 @@ fn txn_is_all_or_nothing() {
                 create("/keep", "dup"),
             ],
             failure: vec![],
+            request: None,
         }),
     );
     assert_eq!(e.kind, ErrorKind::AlreadyExists);
@@ -216,6 +221,7 @@ fn compares_choose_the_branch() {
             failure: vec![Op::Get {
                 path: "/cfg".into(),
             }],
+            request: None,
         })
     };
     let o = apply_ok(&mut s, txn(Target::Version(1)));
@@ -237,6 +243,7 @@ fn reads_inside_txn_see_earlier_ops() {
             compares: vec![],
             success: vec![put("/a", "1"), Op::Get { path: "/a".into() }],
             failure: vec![],
+            request: None,
         }),
     );
     assert!(matches!(&o.results[1], OpResult::Get(Some(n)) if n.mod_revision == 1));
@@ -244,8 +251,8 @@ fn reads_inside_txn_see_earlier_ops() {
 
 #[test]
 fn apply_is_deterministic() {
-    let cmds: Vec<Command> = (0..200)
-        .map(|i| match i % 5 {
+    let cmds: Vec<Command> = (0..400u64)
+        .map(|i| match i % 8 {
             0 => one(put(&format!("/k{}", i % 17), &i.to_string())),
             1 => one(create(&format!("/k{}", i % 13), "c")),
             2 => one(del(&format!("/k{}", i % 11), false)),
@@ -257,16 +264,36 @@ fn apply_is_deterministic() {
                 }],
                 success: vec![put("/hits", &i.to_string())],
                 failure: vec![put("/misses", &i.to_string())],
+                request: None,
             }),
-            _ => Command::BindInstance {
+            4 => Command::BindInstance {
                 node_id: i % 3,
                 instance: format!("inst-{}", i % 2),
+            },
+            5 => Command::OpenSession { ttl_ms: 1000 + i },
+            6 => one(Op::Create {
+                path: "/e-".into(),
+                data: vec![],
+                parents: false,
+                mode: CreateMode {
+                    // Session ids are the indexes of the OpenSession commands (i % 8 == 5).
+                    session_id: (i / 8 * 8 + 5).saturating_sub(8),
+                    sequential: true,
+                    container: false,
+                },
+            }),
+            _ => Command::ExpireSessions {
+                session_ids: vec![i.saturating_sub(18)],
             },
         })
         .collect();
     let run = || {
         let mut s = State::default();
-        let outs: Vec<_> = cmds.iter().map(|c| s.apply(c)).collect();
+        let outs: Vec<_> = cmds
+            .iter()
+            .enumerate()
+            .map(|(i, c)| s.apply(i as u64, c))
+            .collect();
         (s, outs)
     };
     let (a, ra) = run();
@@ -285,10 +312,16 @@ fn node_ids_are_bound_once() {
         node_id: id,
         instance: inst.into(),
     };
-    assert_eq!(s.apply(&bind(1, "aaa")).0.result, Ok(AppliedResult::Bound));
-    assert_eq!(s.apply(&bind(1, "aaa")).0.result, Ok(AppliedResult::Bound));
+    assert_eq!(
+        s.apply(0, &bind(1, "aaa")).0.result,
+        Ok(AppliedResult::Bound)
+    );
+    assert_eq!(
+        s.apply(0, &bind(1, "aaa")).0.result,
+        Ok(AppliedResult::Bound)
+    );
     let e = s
-        .apply(&bind(1, "bbb"))
+        .apply(0, &bind(1, "bbb"))
         .0
         .result
         .expect_err("rebind refused");
@@ -299,19 +332,29 @@ fn node_ids_are_bound_once() {
 #[test]
 fn events_describe_the_change() {
     let mut s = State::default();
-    let (_, ev) = s.apply(&one(put("/a", "1")));
-    assert!(matches!(&ev[..], [Event::Put(n)] if n.path == "/a" && n.mod_revision == 1));
-    let (_, ev) = s.apply(&one(del("/a", false)));
-    assert_eq!(
-        ev,
-        vec![Event::Delete {
-            path: "/a".into(),
-            mod_revision: 2
-        }]
+    let (_, ev) = s.apply(0, &one(put("/a", "1")));
+    assert!(
+        matches!(&ev[..], [Event { kind: EventKind::Put, node, prev: None }] if node.path == "/a" && node.mod_revision == 1)
     );
-    let (_, ev) = s.apply(&one(create("/a", "x")));
+    let (_, ev) = s.apply(0, &one(put("/a", "2")));
+    assert_eq!(
+        ev[0].prev.as_ref().map(|p| p.data.clone()),
+        Some(b"1".to_vec())
+    );
+    let (_, ev) = s.apply(0, &one(del("/a", false)));
     assert_eq!(ev.len(), 1);
-    let (_, ev) = s.apply(&one(create("/a", "x")));
+    assert_eq!(ev[0].kind, EventKind::Delete);
+    assert_eq!(
+        (ev[0].node.path.as_str(), ev[0].node.mod_revision),
+        ("/a", 3)
+    );
+    assert_eq!(
+        ev[0].prev.as_ref().map(|p| p.data.clone()),
+        Some(b"2".to_vec())
+    );
+    let (_, ev) = s.apply(0, &one(create("/a", "x")));
+    assert_eq!(ev.len(), 1);
+    let (_, ev) = s.apply(0, &one(create("/a", "x")));
     assert!(ev.is_empty());
 }
 
@@ -327,4 +370,292 @@ fn list_returns_children_without_data() {
     assert_eq!(names, vec!["/d/a", "/d/b"]);
     assert!(children.iter().all(|c| c.data.is_empty()));
     assert!(s.list("/nope").is_none());
+}
+
+fn open(s: &mut State, index: u64, ttl_ms: u64) -> u64 {
+    match s.apply(index, &Command::OpenSession { ttl_ms }).0.result {
+        Ok(AppliedResult::SessionOpened {
+            session_id,
+            ttl_ms: t,
+        }) => {
+            assert_eq!(t, ttl_ms);
+            session_id
+        }
+        other => panic!("open session: {other:?}"),
+    }
+}
+
+fn create_mode(path: &str, session_id: u64, sequential: bool, container: bool) -> Op {
+    Op::Create {
+        path: path.into(),
+        data: b"d".to_vec(),
+        parents: false,
+        mode: CreateMode {
+            session_id,
+            sequential,
+            container,
+        },
+    }
+}
+
+fn created_path(o: &TxnOutcome) -> String {
+    match &o.results[0] {
+        OpResult::Create(n) => n.path.clone(),
+        other => panic!("expected a create result, got {other:?}"),
+    }
+}
+
+#[test]
+fn session_ids_come_from_the_log_index() {
+    let mut s = State::default();
+    assert_eq!(open(&mut s, 17, 5000), 17);
+    assert_eq!(s.session(17).map(|x| x.ttl_ms), Some(5000));
+    assert_eq!(s.revision(), 0, "opening a session changes no node");
+}
+
+#[test]
+fn ephemerals_go_with_their_session_at_one_revision() {
+    let mut s = State::default();
+    let sid = open(&mut s, 5, 1000);
+    apply_ok(&mut s, one(put("/svc", "")));
+    apply_ok(&mut s, one(create_mode("/svc/a", sid, false, false)));
+    apply_ok(&mut s, one(create_mode("/svc/b", sid, false, false)));
+    let before = s.revision();
+    assert_eq!(s.get("/svc/a").map(|n| n.ephemeral_owner), Some(sid));
+    let (applied, events) = s.apply(9, &Command::CloseSession { session_id: sid });
+    assert_eq!(
+        applied.result,
+        Ok(AppliedResult::SessionsEnded {
+            sessions: 1,
+            deleted: 2
+        })
+    );
+    assert_eq!(
+        applied.revision,
+        before + 1,
+        "one revision for the whole close"
+    );
+    assert_eq!(events.len(), 2);
+    assert!(events
+        .iter()
+        .all(|e| e.kind == EventKind::Delete && e.node.mod_revision == before + 1));
+    assert!(s.get("/svc/a").is_none() && s.get("/svc/b").is_none());
+    assert!(s.session(sid).is_none());
+    // The session is gone: closing again and creating with it fail.
+    let e = s
+        .apply(10, &Command::CloseSession { session_id: sid })
+        .0
+        .result
+        .expect_err("closed");
+    assert_eq!(e.kind, ErrorKind::SessionExpired);
+    let e = apply_err(&mut s, one(create_mode("/svc/c", sid, false, false)));
+    assert_eq!(e.kind, ErrorKind::SessionExpired);
+    assert!(e.message.contains("expired"), "{}", e.message);
+}
+
+#[test]
+fn expiry_ends_many_sessions_and_skips_unknown_ones() {
+    let mut s = State::default();
+    let a = open(&mut s, 1, 1000);
+    let b = open(&mut s, 2, 1000);
+    let c = open(&mut s, 3, 1000);
+    for (sid, p) in [(a, "/a"), (b, "/b"), (c, "/c")] {
+        apply_ok(&mut s, one(create_mode(p, sid, false, false)));
+    }
+    let (applied, _) = s.apply(
+        4,
+        &Command::ExpireSessions {
+            session_ids: vec![a, b, 999],
+        },
+    );
+    assert_eq!(
+        applied.result,
+        Ok(AppliedResult::SessionsEnded {
+            sessions: 2,
+            deleted: 2
+        })
+    );
+    assert!(s.get("/a").is_none() && s.get("/b").is_none());
+    assert!(s.get("/c").is_some());
+}
+
+#[test]
+fn ephemeral_nodes_cannot_have_children() {
+    let mut s = State::default();
+    let sid = open(&mut s, 1, 1000);
+    apply_ok(&mut s, one(create_mode("/e", sid, false, false)));
+    let e = apply_err(&mut s, one(create("/e/child", "x")));
+    assert_eq!(e.kind, ErrorKind::FailedPrecondition);
+    assert!(e.message.contains("ephemeral"), "{}", e.message);
+    let e = apply_err(&mut s, one(put("/e/child", "x")));
+    assert_eq!(e.kind, ErrorKind::FailedPrecondition);
+}
+
+#[test]
+fn sequential_names_are_unique_increasing_and_padded() {
+    let mut s = State::default();
+    let sid = open(&mut s, 1, 1000);
+    apply_ok(&mut s, one(put("/locks", "")));
+    let mut names = Vec::new();
+    for i in 0..12 {
+        // Mix persistent and ephemeral, and delete some: numbers never repeat.
+        let owner = if i % 2 == 0 { sid } else { 0 };
+        let o = apply_ok(&mut s, one(create_mode("/locks/lock-", owner, true, false)));
+        names.push(created_path(&o));
+        if i % 3 == 0 {
+            apply_ok(&mut s, one(del(&created_path(&o), false)));
+        }
+    }
+    assert_eq!(names[0], "/locks/lock-0000000000");
+    assert_eq!(names[11], "/locks/lock-0000000011");
+    let mut sorted = names.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, names, "unique and increasing");
+    // A failed transaction does not consume a number.
+    let e = apply_err(
+        &mut s,
+        Command::Txn(Txn {
+            compares: vec![],
+            success: vec![
+                create_mode("/locks/lock-", 0, true, false),
+                create("/locks", "dup"),
+            ],
+            failure: vec![],
+            request: None,
+        }),
+    );
+    assert_eq!(e.kind, ErrorKind::AlreadyExists);
+    let o = apply_ok(&mut s, one(create_mode("/locks/lock-", 0, true, false)));
+    assert_eq!(created_path(&o), "/locks/lock-0000000012");
+}
+
+#[test]
+fn containers_go_after_their_last_child_and_not_before() {
+    let mut s = State::default();
+    let sid = open(&mut s, 1, 1000);
+    apply_ok(&mut s, one(create_mode("/locks", 0, false, true)));
+    // An empty container that never had a child stays.
+    assert!(s.get("/locks").is_some());
+    apply_ok(&mut s, one(create_mode("/locks/job", 0, false, true)));
+    let a = created_path(&apply_ok(
+        &mut s,
+        one(create_mode("/locks/job/l-", sid, true, false)),
+    ));
+    let b = created_path(&apply_ok(
+        &mut s,
+        one(create_mode("/locks/job/l-", sid, true, false)),
+    ));
+    apply_ok(&mut s, one(del(&a, false)));
+    assert!(s.get("/locks/job").is_some(), "one child left");
+    // Deleting the last child and creating a new one in the same txn keeps it.
+    apply_ok(
+        &mut s,
+        Command::Txn(Txn {
+            compares: vec![],
+            success: vec![
+                del(&b, false),
+                create_mode("/locks/job/l-", sid, true, false),
+            ],
+            failure: vec![],
+            request: None,
+        }),
+    );
+    assert_eq!(s.get("/locks/job").map(|n| n.num_children), Some(1));
+    // The session ends: its ephemeral goes, then the emptied containers, at
+    // the same revision.
+    let (applied, events) = s.apply(50, &Command::CloseSession { session_id: sid });
+    assert_eq!(
+        applied.result,
+        Ok(AppliedResult::SessionsEnded {
+            sessions: 1,
+            deleted: 3
+        })
+    );
+    assert!(s.get("/locks/job").is_none());
+    assert!(s.get("/locks").is_none());
+    let paths: Vec<_> = events.iter().map(|e| e.node.path.as_str()).collect();
+    assert_eq!(paths.len(), 3);
+    assert_eq!(&paths[1..], &["/locks/job", "/locks"]);
+}
+
+#[test]
+fn a_retried_request_returns_the_first_result() {
+    let mut s = State::default();
+    let sid = open(&mut s, 1, 1000);
+    apply_ok(&mut s, one(put("/q", "")));
+    let req = |id: &str| {
+        Command::Txn(Txn {
+            compares: vec![],
+            success: vec![create_mode("/q/item-", sid, true, false)],
+            failure: vec![],
+            request: Some(RequestId {
+                session_id: sid,
+                id: id.into(),
+            }),
+        })
+    };
+    let first = apply_ok(&mut s, req("r1"));
+    let rev = s.revision();
+    let again = apply_ok(&mut s, req("r1"));
+    assert_eq!(first, again, "same node reported");
+    assert_eq!(s.revision(), rev, "nothing applied twice");
+    assert_eq!(s.get("/q").map(|n| n.num_children), Some(1));
+    let other = apply_ok(&mut s, req("r2"));
+    assert_ne!(created_path(&other), created_path(&first));
+    // Without a session, ids live in a bounded global table.
+    let global = |id: &str| {
+        Command::Txn(Txn {
+            compares: vec![],
+            success: vec![create_mode("/q/g-", 0, true, false)],
+            failure: vec![],
+            request: Some(RequestId {
+                session_id: 0,
+                id: id.into(),
+            }),
+        })
+    };
+    let g1 = apply_ok(&mut s, global("x"));
+    assert_eq!(apply_ok(&mut s, global("x")), g1);
+    // A request id on an ended session is refused.
+    s.apply(9, &Command::CloseSession { session_id: sid });
+    assert_eq!(apply_err(&mut s, req("r1")).kind, ErrorKind::SessionExpired);
+}
+
+#[test]
+fn checkpoints_never_exceed_the_ttl() {
+    let mut s = State::default();
+    let sid = open(&mut s, 3, 1000);
+    s.apply(
+        4,
+        &Command::CheckpointSessions {
+            remaining: vec![(sid, 400), (77, 5)],
+        },
+    );
+    assert_eq!(s.session(sid).map(|x| x.remaining_ms), Some(400));
+    s.apply(
+        5,
+        &Command::CheckpointSessions {
+            remaining: vec![(sid, 5000)],
+        },
+    );
+    assert_eq!(s.session(sid).map(|x| x.remaining_ms), Some(1000));
+}
+
+#[test]
+fn sessions_and_counters_survive_a_snapshot_round_trip() {
+    let mut s = State::default();
+    let sid = open(&mut s, 1, 1000);
+    apply_ok(&mut s, one(put("/d", "")));
+    apply_ok(&mut s, one(create_mode("/d/n-", sid, true, false)));
+    let bytes = postcard::to_stdvec(&s).expect("encode");
+    let mut back: State = postcard::from_bytes(&bytes).expect("decode");
+    assert_eq!(back, s);
+    let o = apply_ok(&mut back, one(create_mode("/d/n-", sid, true, false)));
+    assert_eq!(created_path(&o), "/d/n-0000000001");
+    let (applied, _) = back.apply(9, &Command::CloseSession { session_id: sid });
+    assert!(matches!(
+        applied.result,
+        Ok(AppliedResult::SessionsEnded { deleted: 2, .. })
+    ));
 }

@@ -296,6 +296,7 @@ fn parse_op(toks: &[Token]) -> Result<proto::Op, String> {
                     path: p,
                     data,
                     parents,
+                    ..Default::default()
                 })
             }
         }
@@ -473,6 +474,7 @@ get /config
                 path: "/x".into(),
                 data: b"v".to_vec(),
                 parents: true,
+                ..Default::default()
             }))
         );
         assert_eq!(
