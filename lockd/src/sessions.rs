@@ -11,12 +11,17 @@
 //! costs O(log n) per expired session, whatever the number of live ones.
 //!
 //! The bound on a dead session's life: a new leader starts each session's
-//! clock from its last checkpointed remaining TTL. A checkpoint is at most
-//! `checkpoint_interval` old when the leader fails (plus the time to commit
-//! it), and the new leader takes over after one election. So each election
-//! during a dead session's TTL can add at most `checkpoint_interval + commit
-//! + election time`, and a dead session ends by
-//! `TTL + elections x (checkpoint_interval + election time + commit)`.
+//! clock from its last checkpointed remaining TTL. For a session whose
+//! client is silent, checkpoints follow the remaining TTL down in steps of
+//! `min(checkpoint_interval, TTL/4)`, taken every `checkpoint_interval`; so
+//! when a leader fails, the checkpoint overstates the truth by at most two
+//! intervals plus the time to commit it, and the new leader starts the clock
+//! one election later. Each election during a dead session's TTL can
+//! therefore add at most `2 x checkpoint_interval + commit + election time`,
+//! and a dead session ends by
+//! `TTL + elections x (2 x checkpoint_interval + election time + commit)`.
+//! A live client renews every TTL/3 and reaches the new leader in time as
+//! long as a failover takes less than about TTL/3.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -246,12 +251,15 @@ impl Tracker {
             .map(|(&(d, _), _)| d)
     }
 
-    /// Sessions whose remaining TTL moved enough since the last checkpoint:
-    /// down by more than one interval (a silent client), or up by more than
-    /// a quarter TTL (a keepalive after a low checkpoint).
+    /// Sessions due a checkpoint: those whose remaining TTL fell by more
+    /// than a step since the last one (a silent client: the checkpoint must
+    /// follow it down, or a leader change would revive it), and those whose
+    /// last checkpoint is below half the TTL while they are alive again (so a
+    /// leader change does not expire a live session). A live client renewing
+    /// every TTL/3 settles after a few checkpoints and costs nothing after.
     fn due_checkpoints(&self) -> Vec<(u64, u64)> {
         let now = Instant::now();
-        let step = self.config.checkpoint_interval.as_millis() as u64;
+        let interval = self.config.checkpoint_interval.as_millis() as u64;
         let mut c = self.clocks();
         let mut out = Vec::new();
         let entries: Vec<(u64, Instant, u64)> = c
@@ -260,9 +268,12 @@ impl Tracker {
             .map(|(id, (d, ttl))| (*id, *d, *ttl))
             .collect();
         for (id, d, ttl) in entries {
+            let step = interval.min(ttl / 4).max(1);
             let remaining = d.saturating_duration_since(now).as_millis() as u64;
             let last = c.checkpointed.get(&id).copied().unwrap_or(ttl);
-            if remaining + step < last || remaining > last + ttl / 4 {
+            let fell = remaining + step < last;
+            let revived = remaining > last + step && last < ttl / 2;
+            if fell || revived {
                 out.push((id, remaining));
                 c.checkpointed.insert(id, remaining);
             }
@@ -383,5 +394,101 @@ async fn propose_logged(node: &LockdNode, cmd: Command) -> bool {
             tracing::warn!(%what, error = %e, "session command failed");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(ttl_ms: u64, remaining_ms: u64) -> Session {
+        let mut s = State::default();
+        s.apply(1, &Command::OpenSession { ttl_ms });
+        s.apply(
+            2,
+            &Command::CheckpointSessions {
+                remaining: vec![(1, remaining_ms)],
+            },
+        );
+        s.session(1).cloned().expect("opened")
+    }
+
+    fn tracker() -> Arc<Tracker> {
+        Tracker::new(SessionConfig {
+            min_ttl: Duration::from_millis(100),
+            max_ttl: Duration::from_secs(60),
+            checkpoint_interval: Duration::from_millis(100),
+        })
+        .0
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn clocks_start_from_checkpoints_and_expire_in_order() {
+        let t = tracker();
+        let sessions = BTreeMap::from([(1, session(1000, 1000)), (2, session(1000, 300))]);
+        t.lead(7, &sessions);
+        tokio::time::advance(Duration::from_millis(301)).await;
+        assert_eq!(t.clocks().pop_expired(Instant::now()), vec![2]);
+        assert_eq!(
+            t.keepalive(2, Some(1000)),
+            None,
+            "expired sessions cannot be renewed"
+        );
+        assert_eq!(t.keepalive(1, Some(1000)), Some(1000));
+        tokio::time::advance(Duration::from_millis(900)).await;
+        assert!(
+            t.clocks().pop_expired(Instant::now()).is_empty(),
+            "renewed at 301 ms"
+        );
+        // Silent since: its checkpoint follows the clock down.
+        assert_eq!(t.due_checkpoints(), vec![(1, 100)]);
+        assert!(t.due_checkpoints().is_empty(), "nothing moved since");
+        tokio::time::advance(Duration::from_millis(101)).await;
+        assert_eq!(t.clocks().pop_expired(Instant::now()), vec![1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_leader_never_grants_more_than_the_ttl() {
+        let t = tracker();
+        let mut s = session(1000, 1000);
+        s.remaining_ms = 5000; // impossible, but must be capped
+        t.lead(1, &BTreeMap::from([(1, s)]));
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert_eq!(t.clocks().pop_expired(Instant::now()), vec![1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn live_sessions_stop_costing_checkpoints() {
+        let t = tracker();
+        t.lead(1, &BTreeMap::from([(1, session(3000, 3000))]));
+        let mut total = 0;
+        // A client renewing every TTL/3 for a while.
+        for round in 0..30 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            total += t.due_checkpoints().len();
+            if round % 10 == 9 {
+                assert_eq!(t.keepalive(1, Some(3000)), Some(3000));
+            }
+        }
+        let early = total;
+        for round in 0..60 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            total += t.due_checkpoints().len();
+            if round % 10 == 9 {
+                assert_eq!(t.keepalive(1, Some(3000)), Some(3000));
+            }
+        }
+        assert_eq!(total, early, "no checkpoints once settled");
+        // The last checkpoint leaves a live client time to reach a new leader.
+        let last = t
+            .clocks()
+            .checkpointed
+            .get(&1)
+            .copied()
+            .expect("checkpointed");
+        assert!(last >= 3000 / 2, "checkpoint {last} ms");
+        // Not leading: nothing is renewed.
+        t.stop_leading();
+        assert_eq!(t.keepalive(1, Some(3000)), None);
     }
 }
