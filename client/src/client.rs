@@ -117,7 +117,7 @@ fn lazy_channel(raw: &str) -> Result<(String, Channel), Error> {
     Ok((name, ep.connect_lazy()))
 }
 
-fn request<T>(msg: T, timeout: Duration) -> Request<T> {
+pub(crate) fn request<T>(msg: T, timeout: Duration) -> Request<T> {
     let mut r = Request::new(msg);
     r.set_timeout(timeout);
     r
@@ -191,7 +191,12 @@ impl Client {
     }
 
     /// Runs one call with failover and retries according to `kind`.
-    async fn call<T, F, Fut>(&self, kind: Kind, timeout: Duration, mut f: F) -> Result<T, Error>
+    pub(crate) async fn call<T, F, Fut>(
+        &self,
+        kind: Kind,
+        timeout: Duration,
+        mut f: F,
+    ) -> Result<T, Error>
     where
         F: FnMut(Channel, Duration) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
@@ -246,7 +251,7 @@ impl Client {
         }
     }
 
-    fn timeout(&self) -> Duration {
+    pub(crate) fn timeout(&self) -> Duration {
         self.inner.opts.request_timeout
     }
 
@@ -266,7 +271,29 @@ impl Client {
         .await
     }
 
-    /// Sends a full [`proto::CreateRequest`] (e.g. with `parents`).
+    /// Sends a full [`proto::CreateRequest`]: `parents`, an ephemeral node
+    /// (`session_id`), `sequential` (the server appends a 10-digit counter to
+    /// `path`; the response names the node), `container`, `request_id`.
+    ///
+    /// A plain write: an [`Error::Ambiguous`] create is not retried. For
+    /// sequential or ephemeral nodes prefer [`Client::create_protected`]
+    /// (or [`Client::create_ephemeral`]), which retries with a request id.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: lockd_client::Client) -> Result<(), lockd_client::Error> {
+    /// use lockd_client::proto::CreateRequest;
+    /// // A container for lock nodes: removed once its last child is gone.
+    /// client
+    ///     .create_with(CreateRequest {
+    ///         path: "/locks/build".into(),
+    ///         container: true,
+    ///         parents: true,
+    ///         ..Default::default()
+    ///     })
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn create_with(
         &self,
         req: proto::CreateRequest,

@@ -33,6 +33,15 @@ pub enum Error {
     /// retried; read the affected nodes to find out.
     #[error("the write may or may not have been applied: {0}")]
     Ambiguous(String),
+    /// A watch asked for a revision older than the retained history;
+    /// `oldest` is the oldest revision still available.
+    #[error("compacted: {message}")]
+    Compacted {
+        /// The oldest revision a watch can start from.
+        oldest: u64,
+        /// The server's message.
+        message: String,
+    },
     /// An endpoint could not be parsed, or no endpoint was given.
     #[error("invalid endpoint: {0}")]
     InvalidEndpoint(String),
@@ -53,6 +62,7 @@ impl Error {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Ambiguous(_) => Code::Unknown,
+            Error::Compacted { .. } => Code::OutOfRange,
             Error::InvalidEndpoint(_) => return None,
             Error::Rpc(s) => s.code(),
         })
@@ -68,7 +78,8 @@ impl Error {
             | Error::InvalidArgument(m)
             | Error::Unavailable(m)
             | Error::Ambiguous(m)
-            | Error::InvalidEndpoint(m) => m,
+            | Error::InvalidEndpoint(m)
+            | Error::Compacted { message: m, .. } => m,
             Error::Rpc(s) => s.message(),
         }
     }

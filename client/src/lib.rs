@@ -20,11 +20,15 @@
 mod client;
 mod error;
 mod retry;
+mod session;
+mod watch;
 
 pub use client::{Client, ClientOptions, Cluster};
 pub use error::Error;
 /// The generated `lockd.v1` protobuf types and gRPC stubs.
 pub use lockd_proto::v1 as proto;
+pub use session::{new_request_id, Session, SessionState};
+pub use watch::{WatchEvent, WatchEventKind, WatchOptions, WatchScope, Watcher};
 
 /// Convenience alias for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

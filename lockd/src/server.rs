@@ -138,7 +138,10 @@ pub async fn run(
             ClusterServer::new(ClusterService::new(node.clone()))
                 .max_decoding_message_size(max_msg),
         )
-        .add_service(SessionServer::new(SessionService::new(node.clone())))
+        .add_service(SessionServer::new(SessionService::new(
+            node.clone(),
+            stop_rx.clone(),
+        )))
         .add_service(WatchServer::new(WatchService::new(node.clone())))
         .add_service(
             RaftServer::new(PeerService::new(node.clone()))

@@ -3,6 +3,8 @@
 //! Errors print one `Error: ...` line to stderr; the exit code is 1 for
 //! server-side, network and not-found errors and 2 for usage and parse errors.
 
+#[path = "lockctl/session.rs"]
+mod session;
 #[path = "lockctl/txn.rs"]
 mod txn;
 
@@ -103,16 +105,13 @@ enum Cmd {
         #[arg(long)]
         serializable: bool,
     },
-    /// Create KEY with VALUE; fails if it exists.
-    Create {
-        /// Absolute path.
-        key: String,
-        /// Value (taken as UTF-8 bytes).
-        #[arg(allow_hyphen_values = true)]
-        value: String,
-        /// Create missing parent nodes.
-        #[arg(long)]
-        parents: bool,
+    /// Create KEY with VALUE; fails if it exists. Prints OK, or the created
+    /// path with --ephemeral, --sequential or --container.
+    Create(session::CreateArgs),
+    /// Session (lease) commands.
+    Session {
+        #[command(subcommand)]
+        cmd: session::SessionCmd,
     },
     /// Delete KEY; prints the number of nodes deleted.
     #[command(alias = "delete")]
@@ -333,6 +332,12 @@ fn node_json(n: &proto::Node) -> Value {
         "mod_revision": n.mod_revision,
         "num_children": n.num_children,
     });
+    if n.ephemeral_owner != 0 {
+        v["ephemeral_owner"] = json!(n.ephemeral_owner);
+    }
+    if n.container {
+        v["container"] = json!(true);
+    }
     match std::str::from_utf8(&n.data) {
         Ok(s) => v["value"] = json!(s),
         Err(_) => v["value_hex"] = json!(hex(&n.data)),
@@ -455,26 +460,8 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                 println!("OK");
             }
         }
-        Cmd::Create {
-            key,
-            value,
-            parents,
-        } => {
-            let r = client
-                .create_with(proto::CreateRequest {
-                    path: key.clone(),
-                    data: value.into_bytes(),
-                    parents,
-                    ..Default::default()
-                })
-                .await?;
-            if out == Output::Json {
-                print_json(&json!({"revision": revision(r.header.as_ref()),
-                    "node": opt_node_json(r.node.as_ref())}));
-            } else {
-                println!("OK");
-            }
-        }
+        Cmd::Create(args) => session::create(&client, out, args).await?,
+        Cmd::Session { cmd } => session::session_cmd(&client, out, cmd).await?,
         Cmd::Get { key, serializable } => {
             let r = client
                 .get_with(proto::GetRequest {

@@ -16,12 +16,14 @@ use crate::store::{AppliedResult, Command};
 /// The Session service.
 pub struct SessionService {
     node: NodeRef,
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl SessionService {
-    /// Serves sessions on `node`.
-    pub fn new(node: NodeRef) -> SessionService {
-        SessionService { node }
+    /// Serves sessions on `node`; keepalive streams end when `stopping`
+    /// turns true (graceful shutdown waits for open streams).
+    pub fn new(node: NodeRef, stopping: tokio::sync::watch::Receiver<bool>) -> SessionService {
+        SessionService { node, stopping }
     }
 
     async fn propose(&self, cmd: Command) -> Result<(AppliedResult, u64), Status> {
@@ -65,14 +67,22 @@ impl Session for SessionService {
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
         let node = self.node.clone();
         let mut input = req.into_inner();
+        let mut stopping = self.stopping.clone();
         let span =
             tracing::info_span!("rpc", method = "Session/KeepAlive", member = node.config.id);
         let out = async_stream(move |tx| {
             async move {
-                while let Some(msg) = input.next().await {
+                loop {
+                    let msg = tokio::select! {
+                        m = input.next() => m,
+                        _ = stopped(&mut stopping) => {
+                            let _ = tx.send(Err(Status::unavailable("member shutting down"))).await;
+                            return;
+                        }
+                    };
                     let msg = match msg {
-                        Ok(m) => m,
-                        Err(_) => return,
+                        Some(Ok(m)) => m,
+                        _ => return,
                     };
                     let started = std::time::Instant::now();
                     let r = node.keepalive(msg.session_id).await;
@@ -164,6 +174,18 @@ fn node_status_code(e: &crate::node::NodeError) -> tonic::Code {
         crate::node::NodeError::SessionExpired(_) => tonic::Code::NotFound,
         crate::node::NodeError::Unavailable(_) => tonic::Code::Unavailable,
         _ => tonic::Code::Unknown,
+    }
+}
+
+/// Resolves once `rx` reads true (never, if its sender is gone).
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 

@@ -391,8 +391,8 @@ impl WatchHub {
             g.bytes += batch.bytes;
             g.history.push_back(batch.clone());
             g.subs.retain_mut(|s| {
-                let wanted = revision >= s.start
-                    && batch.events.iter().any(|e| s.filter.matches(e));
+                let wanted =
+                    revision >= s.start && batch.events.iter().any(|e| s.filter.matches(e));
                 if wanted {
                     match s.tx.try_send(batch.clone()) {
                         Ok(()) => {}

@@ -56,7 +56,9 @@ fn replay_then_live_in_order_without_gaps_or_duplicates() {
     for r in 1..=10 {
         h.push(r, &[put(&format!("/k{r}"), r)]);
     }
-    let mut sub = h.subscribe(Filter::new("/", Scope::Subtree), 4).expect("sub");
+    let mut sub = h
+        .subscribe(Filter::new("/", Scope::Subtree), 4)
+        .expect("sub");
     for r in 11..=15 {
         h.push(r, &[put(&format!("/k{r}"), r)]);
     }
@@ -65,7 +67,9 @@ fn replay_then_live_in_order_without_gaps_or_duplicates() {
     assert_eq!(revs(&mut sub), vec![16]);
 
     // Start 0: only what comes next.
-    let mut next = h.subscribe(Filter::new("/", Scope::Subtree), 0).expect("sub");
+    let mut next = h
+        .subscribe(Filter::new("/", Scope::Subtree), 0)
+        .expect("sub");
     assert_eq!(next.start_revision(), 17);
     assert!(revs(&mut next).is_empty());
     // A revision without events moves the hub but delivers nothing.
@@ -98,7 +102,9 @@ fn compaction_boundary() {
         }
     );
     assert!(e.to_string().contains("oldest available revision is 6"));
-    let mut sub = h.subscribe(Filter::new("/", Scope::Subtree), 6).expect("sub");
+    let mut sub = h
+        .subscribe(Filter::new("/", Scope::Subtree), 6)
+        .expect("sub");
     match sub.try_next() {
         Some(Item::Events { revision, events }) => {
             assert_eq!(revision, 6);
@@ -121,7 +127,9 @@ fn compaction_boundary() {
 fn reset_cancels_subscribers_that_miss_revisions() {
     let h = hub(100, 1024);
     h.push(1, &[put("/a", 1)]);
-    let mut sub = h.subscribe(Filter::new("/", Scope::Subtree), 0).expect("sub");
+    let mut sub = h
+        .subscribe(Filter::new("/", Scope::Subtree), 0)
+        .expect("sub");
     h.reset_to(10);
     match sub.try_next() {
         Some(Item::Cancelled(c)) => {
@@ -180,12 +188,18 @@ fn filters() {
 #[test]
 fn slow_subscriber_is_cancelled_with_resume_revision() {
     let h = hub(1000, 4);
-    let mut slow = h.subscribe(Filter::new("/", Scope::Subtree), 0).expect("sub");
+    let mut slow = h
+        .subscribe(Filter::new("/", Scope::Subtree), 0)
+        .expect("sub");
     let mut other = h.subscribe(Filter::new("/x", Scope::Key), 0).expect("sub");
     for r in 1..=10 {
         h.push(r, &[put("/k", r)]);
     }
-    assert_eq!(h.subscribers(), 1, "the slow one is gone, never blocks apply");
+    assert_eq!(
+        h.subscribers(),
+        1,
+        "the slow one is gone, never blocks apply"
+    );
     let mut got = Vec::new();
     let cancel = loop {
         match slow.try_next() {
@@ -200,7 +214,9 @@ fn slow_subscriber_is_cancelled_with_resume_revision() {
     assert!(slow.try_next().is_none());
     assert!(revs(&mut other).is_empty());
     // Resuming from the named revision continues the sequence.
-    let mut resumed = h.subscribe(Filter::new("/", Scope::Subtree), 5).expect("sub");
+    let mut resumed = h
+        .subscribe(Filter::new("/", Scope::Subtree), 5)
+        .expect("sub");
     assert_eq!(revs(&mut resumed), (5..=10).collect::<Vec<_>>());
 }
 
@@ -216,21 +232,32 @@ fn byte_limit_compacts() {
     }
     let oldest = h.oldest();
     assert!(oldest > 1 && oldest <= 100, "{oldest}");
-    assert!(h.subscribe(Filter::new("/", Scope::Subtree), oldest).is_ok());
-    assert!(h.subscribe(Filter::new("/", Scope::Subtree), oldest - 1).is_err());
+    assert!(h
+        .subscribe(Filter::new("/", Scope::Subtree), oldest)
+        .is_ok());
+    assert!(h
+        .subscribe(Filter::new("/", Scope::Subtree), oldest - 1)
+        .is_err());
 }
 
 #[tokio::test]
 async fn dropped_subscription_unsubscribes_and_close_cancels() {
     let h = hub(100, 16);
-    let sub = h.subscribe(Filter::new("/", Scope::Subtree), 0).expect("sub");
+    let sub = h
+        .subscribe(Filter::new("/", Scope::Subtree), 0)
+        .expect("sub");
     assert_eq!(h.subscribers(), 1);
     drop(sub);
     assert_eq!(h.subscribers(), 0);
-    let mut sub = h.subscribe(Filter::new("/", Scope::Subtree), 0).expect("sub");
+    let mut sub = h
+        .subscribe(Filter::new("/", Scope::Subtree), 0)
+        .expect("sub");
     h.push(1, &[put("/a", 1)]);
     h.close("member shutting down");
-    assert!(matches!(sub.next().await, Some(Item::Events { revision: 1, .. })));
+    assert!(matches!(
+        sub.next().await,
+        Some(Item::Events { revision: 1, .. })
+    ));
     match sub.next().await {
         Some(Item::Cancelled(c)) => {
             assert_eq!(c.resume_revision, 2);
