@@ -444,8 +444,13 @@ async fn membership_leadership_snapshot() {
             let mut want = voters3.clone();
             want.push((4, addr4.clone(), false));
             assert_eq!(members(o.ok()), want);
-            let s = c.status(4).await.expect("status of 4");
-            assert_eq!(role_of(&s), Role::Learner, "{s:?}");
+            // The learner learns of its own membership from the leader's next
+            // append, which may land just after `member add` returns.
+            lockd_e2e::wait_until(WAIT, "member 4 to report itself a learner", || async {
+                matches!(c.status(4).await, Ok(s) if role_of(&s) == Role::Learner)
+            })
+            .await
+            .expect("member 4 is a learner");
             // The learner got the data: a write before is visible there.
             run(&c, &["put", "/m", "x"]).await.ok();
             let leader = c.wait_for_leader(WAIT).await.expect("leader");
