@@ -1209,3 +1209,23 @@ pub async fn get(
 pub fn revision(h: &Option<v1::ResponseHeader>) -> u64 {
     h.as_ref().map(|h| h.revision).unwrap_or(0)
 }
+
+// ---------------------------------------------------------------------------
+// Sessions
+// ---------------------------------------------------------------------------
+
+/// Session client for `endpoint` with a per-request timeout (for the
+/// streaming KeepAlive it bounds only the call's start, not the stream).
+pub fn session_client(
+    endpoint: &str,
+    rpc_timeout: Duration,
+) -> v1::session_client::SessionClient<Channel> {
+    v1::session_client::SessionClient::new(channel(endpoint, rpc_timeout))
+}
+
+impl Cluster {
+    /// Session client of member `id` (default per-request timeout).
+    pub fn session(&self, id: u64) -> v1::session_client::SessionClient<Channel> {
+        session_client(&self.endpoint(id), self.opts.rpc_timeout)
+    }
+}

@@ -316,9 +316,17 @@ pub async fn run(node: Arc<LockdNode>, mut signals: mpsc::UnboundedReceiver<Sign
     checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leading: Option<u64> = None;
     loop {
+        // A new leader's state machine may still be replaying entries of
+        // earlier terms (after a restart it replays everything): its clocks
+        // start only once it has applied an entry of its own term, so that
+        // every session committed before is known. Until then keepalives are
+        // told to retry, never "expired".
         let (is_leader, term) = {
             let m = metrics.borrow_and_update();
-            (m.state == ServerState::Leader, m.current_term)
+            let caught_up = m
+                .last_applied
+                .is_some_and(|l| l.leader_id.term == m.current_term);
+            (m.state == ServerState::Leader && caught_up, m.current_term)
         };
         match (is_leader, leading) {
             (true, Some(t)) if t == term => {}
