@@ -108,7 +108,7 @@ fn hist_from_metrics(text: &str, name: &str) -> Option<HistDelta> {
     })
 }
 
-fn gauge_from_metrics(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn gauge_from_metrics(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| {
         let mut it = l.split_whitespace();
         (it.next()? == name).then(|| it.next()?.parse::<f64>().ok())?

@@ -3,10 +3,14 @@
 //! * `lockbench run ...` drives an existing cluster.
 //! * `lockbench local [--quick|--smoke]` starts a 3-member lockd cluster with
 //!   the e2e harness and runs the standard suite (see docs/bench.md).
+//! * `lockbench sessions [--sessions N] [--ttl 30s] [--quick]` starts the same
+//!   cluster and measures what N live sessions cost (keepalives, leader CPU
+//!   and RSS, writes with and without them).
 
 mod fsync;
 mod local;
 mod report;
+mod sessions;
 mod target;
 mod workload;
 
@@ -43,6 +47,9 @@ enum Cmd {
     Run(RunArgs),
     /// Start a local 3-member lockd cluster and run the standard suite.
     Local(LocalArgs),
+    /// Start a local 3-member lockd cluster and measure what N live sessions
+    /// cost (keepalive latency, leader CPU and RSS, writes with and without).
+    Sessions(SessionsArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -90,6 +97,27 @@ struct LocalArgs {
     /// least one op without errors (for CI).
     #[arg(long)]
     smoke: bool,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(clap::Args, Debug)]
+struct SessionsArgs {
+    /// Sessions to open and keep alive.
+    #[arg(long, default_value_t = 10_000)]
+    sessions: usize,
+    /// Requested session TTL; each session is renewed every TTL/3.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    ttl: Duration,
+    /// 3 s idle and write windows instead of 10 s.
+    #[arg(long)]
+    quick: bool,
+    /// Concurrent Open (and Close) calls, spread over the members.
+    #[arg(long, default_value_t = 64)]
+    open_concurrency: usize,
+    /// KeepAlive streams, spread over the members.
+    #[arg(long, default_value_t = 16)]
+    streams: usize,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     output: Output,
 }
@@ -203,6 +231,48 @@ async fn cmd_local(a: LocalArgs) -> Result<bool> {
     Ok(res.clean())
 }
 
+async fn cmd_sessions(a: SessionsArgs) -> Result<bool> {
+    let target = target::Lockd {
+        rpc_timeout: Duration::from_secs(10),
+    };
+    let opts = sessions::Options {
+        sessions: a.sessions,
+        ttl: a.ttl,
+        quick: a.quick,
+        open_concurrency: a.open_concurrency.max(1),
+        streams: a.streams.max(1),
+    };
+    let res = sessions::run(&target, opts).await?;
+    for o in [&res.baseline_write, &res.sessions_write] {
+        for s in &o.error_samples {
+            eprintln!("lockbench: {}: error sample: {s}", o.spec.name);
+        }
+    }
+    for s in res
+        .open
+        .error_samples
+        .iter()
+        .chain(&res.keepalive.error_samples)
+        .chain(&res.close.error_samples)
+    {
+        eprintln!("lockbench: error sample: {s}");
+    }
+    for n in &res.notes {
+        eprintln!("lockbench: note: {n}");
+    }
+    let rows = sessions::rows(&res);
+    emit(
+        a.output,
+        &format!(
+            "lockbench sessions: {} sessions on a 3-member lockd cluster",
+            res.open.ok
+        ),
+        &rows,
+        &res,
+    )?;
+    Ok(res.clean())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -220,6 +290,7 @@ fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Run(a) => cmd_run(a).await,
             Cmd::Local(a) => cmd_local(a).await,
+            Cmd::Sessions(a) => cmd_sessions(a).await,
         }
     });
     match res {
@@ -273,5 +344,16 @@ mod tests {
         Cli::try_parse_from(["lockbench", "local", "--quick"])
             .map(|_| ())
             .unwrap_or_else(|e| panic!("{e}"));
+        Cli::try_parse_from([
+            "lockbench",
+            "sessions",
+            "--sessions",
+            "100",
+            "--ttl",
+            "3s",
+            "--quick",
+        ])
+        .map(|_| ())
+        .unwrap_or_else(|e| panic!("{e}"));
     }
 }

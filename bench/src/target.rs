@@ -50,7 +50,7 @@ pub struct Lockd {
     pub rpc_timeout: Duration,
 }
 
-fn http_uri(ep: &str) -> String {
+pub(crate) fn http_uri(ep: &str) -> String {
     if ep.starts_with("http://") || ep.starts_with("https://") {
         ep.to_string()
     } else {

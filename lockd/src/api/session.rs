@@ -66,41 +66,36 @@ impl Session for SessionService {
         req: Request<Streaming<pb::KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
         let node = self.node.clone();
-        let mut input = req.into_inner();
+        let input = req.into_inner();
         let mut stopping = self.stopping.clone();
         let span =
             tracing::info_span!("rpc", method = "Session/KeepAlive", member = node.config.id);
         let out = async_stream(move |tx| {
             async move {
+                // Renewals on one stream are served concurrently (responses
+                // name their session), so one slow forwarded renewal does not
+                // hold up the sessions queued behind it.
+                let mut replies = input
+                    .map(|msg| {
+                        let node = node.clone();
+                        async move {
+                            match msg {
+                                Ok(m) => Some(renew(&node, m.session_id).await),
+                                Err(_) => None,
+                            }
+                        }
+                    })
+                    .buffer_unordered(KEEPALIVES_IN_FLIGHT);
                 loop {
-                    let msg = tokio::select! {
-                        m = input.next() => m,
+                    let item = tokio::select! {
+                        r = replies.next() => match r {
+                            Some(Some(item)) => item,
+                            _ => return,
+                        },
                         _ = stopped(&mut stopping) => {
                             let _ = tx.send(Err(Status::unavailable("member shutting down"))).await;
                             return;
                         }
-                    };
-                    let msg = match msg {
-                        Some(Ok(m)) => m,
-                        _ => return,
-                    };
-                    let started = std::time::Instant::now();
-                    let r = node.keepalive(msg.session_id).await;
-                    let code = r
-                        .as_ref()
-                        .map_or_else(node_status_code, |_| tonic::Code::Ok);
-                    node.metrics
-                        .observe_request("Session/KeepAlive", code, started.elapsed());
-                    let item = match r {
-                        Ok(ttl_ms) => {
-                            let rev = node.sm.read().state.revision();
-                            Ok(pb::KeepAliveResponse {
-                                header: header(&node, rev),
-                                session_id: msg.session_id,
-                                ttl_ms,
-                            })
-                        }
-                        Err(e) => Err(node_status(e)),
                     };
                     let end = item.is_err();
                     if tx.send(item).await.is_err() || end {
@@ -166,6 +161,31 @@ impl Session for SessionService {
             }))
         })
         .await
+    }
+}
+
+/// Renewals served at once on one keepalive stream.
+const KEEPALIVES_IN_FLIGHT: usize = 64;
+
+/// Renews one session and records the request.
+async fn renew(node: &NodeRef, session_id: u64) -> Result<pb::KeepAliveResponse, Status> {
+    let started = std::time::Instant::now();
+    let r = node.keepalive(session_id).await;
+    let code = r
+        .as_ref()
+        .map_or_else(node_status_code, |_| tonic::Code::Ok);
+    node.metrics
+        .observe_request("Session/KeepAlive", code, started.elapsed());
+    match r {
+        Ok(ttl_ms) => {
+            let rev = node.sm.read().state.revision();
+            Ok(pb::KeepAliveResponse {
+                header: header(node, rev),
+                session_id,
+                ttl_ms,
+            })
+        }
+        Err(e) => Err(node_status(e)),
     }
 }
 
