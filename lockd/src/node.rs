@@ -28,9 +28,9 @@ use crate::raft::network::{decode, encode, Network, PeerError, Peers};
 use crate::raft::sm::StateMachineStore;
 use crate::raft::types::{Metrics as RaftMetrics, Raft, Request};
 use crate::sessions::{SessionConfig, Tracker};
-use crate::watch::{WatchConfig, WatchHub};
 use crate::store::path::Limits;
 use crate::store::{Applied, Command};
+use crate::watch::{WatchConfig, WatchHub};
 
 /// Member configuration (from flags).
 #[derive(Debug, Clone)]
@@ -550,7 +550,9 @@ impl LockdNode {
                 match self.forward_keepalive(leader, session_id).await {
                     Ok(r) => r,
                     Err(m) => {
-                        hint = self.after_unreachable(leader, m, &mut backoff, deadline).await?;
+                        hint = self
+                            .after_unreachable(leader, m, &mut backoff, deadline)
+                            .await?;
                         continue;
                     }
                 }
@@ -563,13 +565,19 @@ impl LockdNode {
                     )))
                 }
                 KeepAliveReply::NotLeader(next) => {
-                    hint = self.next_leader(leader, next, &mut backoff, deadline).await?;
+                    hint = self
+                        .next_leader(leader, next, &mut backoff, deadline)
+                        .await?;
                 }
             }
         }
     }
 
-    async fn forward_keepalive(&self, leader: u64, session_id: u64) -> Result<KeepAliveReply, String> {
+    async fn forward_keepalive(
+        &self,
+        leader: u64,
+        session_id: u64,
+    ) -> Result<KeepAliveReply, String> {
         let addr = self
             .addr_of(leader)
             .ok_or_else(|| format!("leader {leader} has no known address"))?;
