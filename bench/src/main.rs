@@ -6,12 +6,16 @@
 //! * `lockbench sessions [--sessions N] [--ttl 30s] [--quick]` starts the same
 //!   cluster and measures what N live sessions cost (keepalives, leader CPU
 //!   and RSS, writes with and without them).
+//! * `lockbench watch [--watchers 1,100,1000] [--quick]` starts the same
+//!   cluster and measures how long a put takes to reach N watchers of its
+//!   key.
 
 mod fsync;
 mod local;
 mod report;
 mod sessions;
 mod target;
+mod watches;
 mod workload;
 
 use std::process::ExitCode;
@@ -50,6 +54,9 @@ enum Cmd {
     /// Start a local 3-member lockd cluster and measure what N live sessions
     /// cost (keepalive latency, leader CPU and RSS, writes with and without).
     Sessions(SessionsArgs),
+    /// Start a local 3-member lockd cluster and measure how long a put takes
+    /// to reach N watchers of its key (watch latency, no gaps).
+    Watch(WatchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -118,6 +125,24 @@ struct SessionsArgs {
     /// KeepAlive streams, spread over the members.
     #[arg(long, default_value_t = 16)]
     streams: usize,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(clap::Args, Debug)]
+struct WatchArgs {
+    /// Comma-separated watcher counts, one round each.
+    #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
+    watchers: Vec<usize>,
+    /// 50 measured puts per round instead of 200.
+    #[arg(long)]
+    quick: bool,
+    /// Most Watch streams per member; the watches on a member share them.
+    #[arg(long, default_value_t = 32)]
+    streams_per_member: usize,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     output: Output,
 }
@@ -273,6 +298,35 @@ async fn cmd_sessions(a: SessionsArgs) -> Result<bool> {
     Ok(res.clean())
 }
 
+async fn cmd_watch(a: WatchArgs) -> Result<bool> {
+    let opts = watches::Options {
+        watchers: a.watchers,
+        quick: a.quick,
+        streams_per_member: a.streams_per_member.max(1),
+        value_size: a.value_size,
+    };
+    let res = watches::run(opts).await?;
+    for r in &res.rounds {
+        for s in &r.error_samples {
+            eprintln!("lockbench: {} watchers: error sample: {s}", r.watchers);
+        }
+    }
+    for n in &res.notes {
+        eprintln!("lockbench: note: {n}");
+    }
+    let rows = watches::rows(&res);
+    emit(
+        a.output,
+        &format!(
+            "lockbench watch: watchers of one key on a 3-member lockd cluster (leader m{})",
+            res.leader
+        ),
+        &rows,
+        &res,
+    )?;
+    Ok(res.clean())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -291,6 +345,7 @@ fn main() -> ExitCode {
             Cmd::Run(a) => cmd_run(a).await,
             Cmd::Local(a) => cmd_local(a).await,
             Cmd::Sessions(a) => cmd_sessions(a).await,
+            Cmd::Watch(a) => cmd_watch(a).await,
         }
     });
     match res {
@@ -355,5 +410,19 @@ mod tests {
         ])
         .map(|_| ())
         .unwrap_or_else(|e| panic!("{e}"));
+        let c = Cli::try_parse_from([
+            "lockbench",
+            "watch",
+            "--watchers",
+            "1,10",
+            "--quick",
+            "-o",
+            "json",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        match c.cmd {
+            Cmd::Watch(a) => assert_eq!(a.watchers, vec![1, 10]),
+            other => panic!("parsed as {other:?}"),
+        }
     }
 }

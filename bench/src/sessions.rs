@@ -160,7 +160,7 @@ impl SessionsResult {
 // ---------------------------------------------------------------- /proc
 
 /// Clock ticks per second for /proc/<pid>/stat (`getconf CLK_TCK`, else 100).
-fn clk_tck() -> u64 {
+pub(crate) fn clk_tck() -> u64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
         .output()
@@ -203,18 +203,18 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .ok_or_else(|| anyhow!("/proc/{pid}/status: no VmRSS"))
 }
 
-struct Sample {
+pub(crate) struct Sample {
     at: Instant,
     ticks: BTreeMap<u64, u64>,
 }
 
-struct Probe {
-    pids: BTreeMap<u64, u32>,
-    tck: u64,
+pub(crate) struct Probe {
+    pub(crate) pids: BTreeMap<u64, u32>,
+    pub(crate) tck: u64,
 }
 
 impl Probe {
-    fn sample(&self) -> Result<Sample> {
+    pub(crate) fn sample(&self) -> Result<Sample> {
         let mut ticks = BTreeMap::new();
         for (id, pid) in &self.pids {
             ticks.insert(*id, cpu_ticks(*pid)?);
@@ -225,7 +225,7 @@ impl Probe {
         })
     }
 
-    fn window(&self, a: &Sample, b: &Sample) -> Result<CpuWindow> {
+    pub(crate) fn window(&self, a: &Sample, b: &Sample) -> Result<CpuWindow> {
         let seconds = b.at.duration_since(a.at).as_secs_f64();
         let mut w = CpuWindow {
             seconds,
