@@ -544,3 +544,52 @@ async fn lockctl_watch_prints_events_and_exits_0_on_sigint() {
     })
     .await;
 }
+
+/// A watch that asks to wait until its member has caught up starts only
+/// once that member has applied everything committed before it was created,
+/// even on a member that was cut off a moment ago.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_caught_up_starts_after_everything_committed() {
+    let c = Cluster::start(3, ClusterOptions::default())
+        .await
+        .expect("start 3 members");
+    bounded(Duration::from_secs(90), "wait_caught_up", async {
+        let leader = c.wait_for_leader(WAIT).await.expect("a leader");
+        let lagging = c
+            .ids()
+            .into_iter()
+            .find(|&i| i != leader)
+            .expect("follower");
+        let pid = i32::try_from(c.pid(lagging).expect("running")).expect("pid");
+        // SAFETY: signalling a child process we started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        let mut last = 0;
+        for i in 0..50 {
+            let r = put(&mut c.kv(leader), &format!("/cu/{i}"), "x")
+                .await
+                .expect("majority writes");
+            last = revision(&r.header);
+        }
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        let (tx, mut stream) = raw_watch(&c.endpoint(lagging), None).await;
+        tx.send(v1::WatchRequest {
+            request: Some(v1::watch_request::Request::Create(v1::WatchCreate {
+                path: "/cu".into(),
+                scope: v1::watch_create::Scope::Subtree as i32,
+                wait_caught_up: true,
+                ..Default::default()
+            })),
+        })
+        .await
+        .expect("send create");
+        let created = recv(&mut stream).await;
+        assert!(created.created, "{created:?}");
+        assert!(
+            revision(&created.header) >= last,
+            "the watch started at revision {} before the member caught up with {last}",
+            revision(&created.header)
+        );
+    })
+    .await;
+}
