@@ -42,6 +42,10 @@ pub enum Error {
         /// The server's message.
         message: String,
     },
+    /// The session a recipe (lock, election) relies on is lost, or its node
+    /// was deleted: whatever it held must be assumed gone.
+    #[error("session lost: {0}")]
+    SessionLost(String),
     /// An endpoint could not be parsed, or no endpoint was given.
     #[error("invalid endpoint: {0}")]
     InvalidEndpoint(String),
@@ -63,6 +67,7 @@ impl Error {
             Error::Unavailable(_) => Code::Unavailable,
             Error::Ambiguous(_) => Code::Unknown,
             Error::Compacted { .. } => Code::OutOfRange,
+            Error::SessionLost(_) => Code::Aborted,
             Error::InvalidEndpoint(_) => return None,
             Error::Rpc(s) => s.code(),
         })
@@ -79,6 +84,7 @@ impl Error {
             | Error::Unavailable(m)
             | Error::Ambiguous(m)
             | Error::InvalidEndpoint(m)
+            | Error::SessionLost(m)
             | Error::Compacted { message: m, .. } => m,
             Error::Rpc(s) => s.message(),
         }
@@ -102,6 +108,11 @@ impl Error {
     /// True for [`Error::Unavailable`].
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Error::Unavailable(_))
+    }
+
+    /// True for [`Error::SessionLost`].
+    pub fn is_session_lost(&self) -> bool {
+        matches!(self, Error::SessionLost(_))
     }
 
     /// True for [`Error::Ambiguous`]: a write whose outcome is unknown.

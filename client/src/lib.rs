@@ -19,6 +19,7 @@
 
 mod client;
 mod error;
+pub mod recipes;
 mod retry;
 mod session;
 mod watch;

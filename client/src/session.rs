@@ -131,6 +131,15 @@ impl Session {
             .unwrap_or_else(|| format!("session {}: keepalive task ended", self.id))
     }
 
+    /// A cheap, owned view of this session for recipes (id, state, reason).
+    pub(crate) fn handle(&self) -> SessionHandle {
+        SessionHandle {
+            id: self.id,
+            state: self.state.clone(),
+            lost_reason: self.lost_reason.clone(),
+        }
+    }
+
     /// Why the session was lost, once it is.
     pub fn lost_reason(&self) -> Option<String> {
         self.lost_reason
@@ -167,6 +176,44 @@ impl Session {
             },
             Err(e) => Err(e),
         }
+    }
+}
+
+/// What a recipe needs of a [`Session`] without borrowing it.
+#[derive(Clone, Debug)]
+pub(crate) struct SessionHandle {
+    pub(crate) id: u64,
+    pub(crate) state: watch::Receiver<SessionState>,
+    lost_reason: Arc<Mutex<Option<String>>>,
+}
+
+impl SessionHandle {
+    /// True once the session is [`SessionState::Lost`].
+    pub(crate) fn is_lost(&self) -> bool {
+        *self.state.borrow() == SessionState::Lost
+    }
+
+    /// Why the session was lost (or a generic reason).
+    pub(crate) fn reason(&self) -> String {
+        self.lost_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| format!("session {}: keepalive task ended", self.id))
+    }
+
+    /// Waits until the session is lost; returns why.
+    pub(crate) async fn lost(&self) -> String {
+        let mut rx = self.state.clone();
+        loop {
+            if *rx.borrow_and_update() == SessionState::Lost {
+                break;
+            }
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+        self.reason()
     }
 }
 

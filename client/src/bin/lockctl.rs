@@ -3,6 +3,8 @@
 //! Errors print one `Error: ...` line to stderr; the exit code is 1 for
 //! server-side, network and not-found errors and 2 for usage and parse errors.
 
+#[path = "lockctl/lock.rs"]
+mod lock;
 #[path = "lockctl/session.rs"]
 mod session;
 #[path = "lockctl/txn.rs"]
@@ -108,6 +110,12 @@ enum Cmd {
     /// Create KEY with VALUE; fails if it exists. Prints OK, or the created
     /// path with --ephemeral, --sequential or --container.
     Create(session::CreateArgs),
+    /// Acquire the lock NAME (a directory such as /locks/build), run CMD
+    /// while holding it and exit with CMD's exit code; without CMD, print
+    /// the fencing token and hold until Ctrl-C or SIGTERM. If the lock is
+    /// lost while CMD runs, CMD gets SIGTERM (SIGKILL after --kill-grace)
+    /// and lockctl exits 1.
+    Lock(lock::LockArgs),
     /// Session (lease) commands.
     Session {
         #[command(subcommand)]
@@ -461,6 +469,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             }
         }
         Cmd::Create(args) => session::create(&client, out, args).await?,
+        Cmd::Lock(args) => lock::lock(&client, out, args).await?,
         Cmd::Session { cmd } => session::session_cmd(&client, out, cmd).await?,
         Cmd::Get { key, serializable } => {
             let r = client

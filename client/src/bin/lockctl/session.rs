@@ -111,7 +111,7 @@ fn session_err(e: Error) -> Fail {
     }
 }
 
-fn closing_failed(id: u64, e: Error) -> Fail {
+pub(crate) fn closing_failed(id: u64, e: Error) -> Fail {
     let text = match e {
         Error::NotFound(m) if !m.is_empty() => m,
         e => e.to_string(),
@@ -121,7 +121,7 @@ fn closing_failed(id: u64, e: Error) -> Fail {
 
 /// SIGINT and SIGTERM, registered when created (so a signal that arrives
 /// before we wait for it is not lost, and does not kill the process).
-struct Signals {
+pub(crate) struct Signals {
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
     #[cfg(unix)]
@@ -129,7 +129,7 @@ struct Signals {
 }
 
 impl Signals {
-    fn new() -> Result<Signals, Fail> {
+    pub(crate) fn new() -> Result<Signals, Fail> {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
@@ -143,7 +143,7 @@ impl Signals {
         Ok(Signals {})
     }
 
-    async fn recv(&mut self) {
+    pub(crate) async fn recv(&mut self) {
         #[cfg(unix)]
         tokio::select! {
             _ = self.int.recv() => {}
