@@ -1,96 +1,15 @@
 //! The real `lockctl` binary against a real 3-member cluster: output, exit
 //! codes and error messages a user or a script relies on.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
+use lockd_e2e::lockctl::{run_with, Out, Run};
 use lockd_e2e::v1::Role;
-use lockd_e2e::{bounded, lockctl_bin, member_set, role_of, wait_for, Cluster, ClusterOptions};
+use lockd_e2e::{bounded, member_set, role_of, wait_for, Cluster, ClusterOptions};
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
 
 const WAIT: Duration = Duration::from_secs(20);
-/// Bound of one lockctl run (its own retry budget is shorter, see `run`).
-const RUN_LIMIT: Duration = Duration::from_secs(60);
-
-/// What one lockctl run produced.
-#[derive(Debug)]
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn ok(&self) -> &Self {
-        assert_eq!(self.code, 0, "lockctl failed: {self:?}");
-        self
-    }
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not valid JSON ({e}): {self:?}"))
-    }
-    fn stderr_lines(&self) -> Vec<&str> {
-        self.stderr
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .collect()
-    }
-}
-
-/// How to run lockctl.
-#[derive(Default)]
-struct Run<'a> {
-    /// `--endpoints` value; `None` passes no flag.
-    endpoints: Option<String>,
-    /// `LOCKD_ENDPOINTS` for the child (always removed from it otherwise).
-    env_endpoints: Option<String>,
-    stdin: Option<&'a str>,
-    /// `--timeout` and `--retry-budget` (default 10 and 20 s: bounded
-    /// retries, so that a wrong answer shows up as a failure, not a hang).
-    timeouts: Option<(&'a str, &'a str)>,
-}
-
-async fn run_with(r: Run<'_>, args: &[&str]) -> Out {
-    let mut cmd = tokio::process::Command::new(lockctl_bin());
-    cmd.env_remove("LOCKD_ENDPOINTS");
-    if let Some(e) = &r.env_endpoints {
-        cmd.env("LOCKD_ENDPOINTS", e);
-    }
-    if let Some(e) = &r.endpoints {
-        cmd.arg(format!("--endpoints={e}"));
-    }
-    let (t, b) = r.timeouts.unwrap_or(("10", "20"));
-    cmd.args(["--timeout", t, "--retry-budget", b]);
-    cmd.args(args)
-        .stdin(if r.stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", lockctl_bin().display()));
-    if let Some(input) = r.stdin {
-        let mut si = child.stdin.take().expect("piped stdin");
-        si.write_all(input.as_bytes()).await.expect("write stdin");
-        drop(si);
-    }
-    let out = match tokio::time::timeout(RUN_LIMIT, child.wait_with_output()).await {
-        Ok(o) => o.expect("wait for lockctl"),
-        Err(_) => panic!("lockctl {args:?} did not finish within {RUN_LIMIT:?}"),
-    };
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 /// `lockctl --endpoints=<all 3> args...`.
 async fn run(c: &Cluster, args: &[&str]) -> Out {
     run_with(

@@ -3,119 +3,21 @@
 //! as the lockctl process keeps its session, and go when it is interrupted,
 //! killed, or simply ends.
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use lockd_e2e::{bounded, get, lockctl_bin, wait_until, Cluster, ClusterOptions};
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use lockd_e2e::lockctl::{run_on, Background, Out};
+use lockd_e2e::{bounded, get, wait_until, Cluster, ClusterOptions};
 
 const WAIT: Duration = Duration::from_secs(20);
-/// Bound of one foreground lockctl run.
-const RUN_LIMIT: Duration = Duration::from_secs(60);
-
-#[derive(Debug)]
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn ok(&self) -> &Self {
-        assert_eq!(self.code, 0, "lockctl failed: {self:?}");
-        self
-    }
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not valid JSON ({e}): {self:?}"))
-    }
-}
-
-fn lockctl(endpoints: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new(lockctl_bin());
-    cmd.env_remove("LOCKD_ENDPOINTS")
-        .arg(format!("--endpoints={endpoints}"))
-        .args(["--timeout", "5", "--retry-budget", "20"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    cmd
-}
-
-/// Runs lockctl to completion against `endpoints`.
-async fn run_on(endpoints: &str, args: &[&str]) -> Out {
-    let child = lockctl(endpoints, args).spawn().expect("spawn lockctl");
-    let out = match tokio::time::timeout(RUN_LIMIT, child.wait_with_output()).await {
-        Ok(o) => o.expect("wait for lockctl"),
-        Err(_) => panic!("lockctl {args:?} did not finish within {RUN_LIMIT:?}"),
-    };
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// Runs lockctl with all members as endpoints.
 async fn run(c: &Cluster, args: &[&str]) -> Out {
     run_on(&c.endpoints().join(","), args).await
 }
 
-/// A lockctl left running in the background, and its stdout.
-struct Bg {
-    child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
-}
-
-impl Bg {
-    fn spawn(c: &Cluster, args: &[&str]) -> Bg {
-        let mut child = lockctl(&c.endpoints().join(","), args)
-            .spawn()
-            .expect("spawn lockctl");
-        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        Bg { child, lines }
-    }
-
-    async fn line(&mut self) -> String {
-        match tokio::time::timeout(WAIT, self.lines.next_line()).await {
-            Ok(Ok(Some(l))) => l,
-            other => {
-                let _ = self.child.start_kill();
-                let err = match self.child.stderr.take() {
-                    Some(mut e) => {
-                        let mut s = String::new();
-                        let _ = tokio::io::AsyncReadExt::read_to_string(&mut e, &mut s).await;
-                        s
-                    }
-                    None => String::new(),
-                };
-                panic!("no line from lockctl: {other:?}; stderr: {err}")
-            }
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        let pid = self.child.id().expect("running") as i32;
-        // SAFETY: plain kill(2) on our own child.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-    }
-
-    /// Waits for the exit; returns the exit code and stderr.
-    async fn exit(mut self) -> (i32, String) {
-        let st = tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .expect("lockctl exits")
-            .expect("wait");
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = tokio::io::AsyncReadExt::read_to_string(&mut e, &mut err).await;
-        }
-        (st.code().unwrap_or(-1), err)
-    }
+/// A background lockctl against all members.
+fn background(c: &Cluster, args: &[&str]) -> Background {
+    Background::spawn(&c.endpoints().join(","), args)
 }
 
 async fn start() -> Cluster {
@@ -147,7 +49,7 @@ async fn wait_gone(c: &Cluster, id: u64, path: &str, limit: Duration) {
 async fn ephemeral_hold_lives_until_sigint() {
     let c = start().await;
     bounded(Duration::from_secs(120), "ephemeral hold + SIGINT", async {
-        let mut bg = Bg::spawn(
+        let mut bg = background(
             &c,
             &[
                 "create",
@@ -199,7 +101,7 @@ async fn ephemeral_hold_killed_expires_after_ttl() {
         Duration::from_secs(120),
         "ephemeral hold + kill -9",
         async {
-            let mut bg = Bg::spawn(
+            let mut bg = background(
                 &c,
                 &["create", "--ephemeral", "--hold", "--ttl", "2s", "/k", "v"],
             );
@@ -278,7 +180,7 @@ async fn session_open_info_close() {
     let c = start().await;
     bounded(Duration::from_secs(120), "session commands", async {
         // open prints "ID ttl=TTL" and holds the session until SIGINT.
-        let mut bg = Bg::spawn(&c, &["session", "open", "--ttl", "5s"]);
+        let mut bg = background(&c, &["session", "open", "--ttl", "5s"]);
         let line = bg.line().await;
         let (id, ttl) = line
             .split_once(' ')
@@ -306,8 +208,8 @@ async fn session_open_info_close() {
 
         // Closing a held session from elsewhere: the holder learns it is
         // lost, prints one error line and exits 1.
-        let mut bg = Bg::spawn(&c, &["-o", "json", "session", "open", "--ttl", "3s"]);
-        let v: Value = serde_json::from_str(&bg.line().await).expect("json line");
+        let mut bg = background(&c, &["-o", "json", "session", "open", "--ttl", "3s"]);
+        let v: serde_json::Value = serde_json::from_str(&bg.line().await).expect("json line");
         let id = v["session_id"].as_u64().expect("session_id").to_string();
         assert_eq!(v["ttl_ms"], 3000, "{v}");
         run(&c, &["session", "close", &id]).await.ok();
@@ -332,7 +234,7 @@ async fn held_session_survives_losing_its_member() {
     let c = start().await;
     bounded(Duration::from_secs(120), "session failover", async {
         // lockctl talks to member 1 first.
-        let mut bg = Bg::spawn(
+        let mut bg = background(
             &c,
             &["create", "--ephemeral", "--hold", "--ttl", "3s", "/f", "v"],
         );
