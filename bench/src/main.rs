@@ -9,9 +9,14 @@
 //! * `lockbench watch [--watchers 1,100,1000] [--quick]` starts the same
 //!   cluster and measures how long a put takes to reach N watchers of its
 //!   key.
+//! * `lockbench locks [--quick]` starts the same cluster and measures the
+//!   `Mutex` recipe: uncontended lock/unlock latency, handovers/s with 16
+//!   contenders, and lock and election failover after SIGKILL of a
+//!   `lockctl lock` holder or `lockctl elect` leader.
 
 mod fsync;
 mod local;
+mod locks;
 mod report;
 mod sessions;
 mod target;
@@ -57,6 +62,10 @@ enum Cmd {
     /// Start a local 3-member lockd cluster and measure how long a put takes
     /// to reach N watchers of its key (watch latency, no gaps).
     Watch(WatchArgs),
+    /// Start a local 3-member lockd cluster and measure the Mutex recipe
+    /// (uncontended latency, contended handovers/s) and lock and election
+    /// failover after SIGKILL.
+    Locks(LocksArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -143,6 +152,16 @@ struct WatchArgs {
     /// Value size in bytes.
     #[arg(long, default_value_t = 100)]
     value_size: usize,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(clap::Args, Debug)]
+struct LocksArgs {
+    /// 50 uncontended rounds and a 3 s contended window instead of 200 and
+    /// 10 s.
+    #[arg(long)]
+    quick: bool,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     output: Output,
 }
@@ -327,6 +346,34 @@ async fn cmd_watch(a: WatchArgs) -> Result<bool> {
     Ok(res.clean())
 }
 
+async fn cmd_locks(a: LocksArgs) -> Result<bool> {
+    let res = locks::run(locks::Options { quick: a.quick }).await?;
+    for s in res
+        .solo
+        .error_samples
+        .iter()
+        .chain(&res.contended.error_samples)
+        .chain(&res.failover_errors)
+        .chain(&res.election_errors)
+    {
+        eprintln!("lockbench: error sample: {s}");
+    }
+    for n in &res.notes {
+        eprintln!("lockbench: note: {n}");
+    }
+    let rows = locks::rows(&res);
+    emit(
+        a.output,
+        &format!(
+            "lockbench locks: Mutex recipe on a 3-member lockd cluster (leader m{})",
+            res.leader
+        ),
+        &rows,
+        &res,
+    )?;
+    Ok(res.clean())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -346,6 +393,7 @@ fn main() -> ExitCode {
             Cmd::Local(a) => cmd_local(a).await,
             Cmd::Sessions(a) => cmd_sessions(a).await,
             Cmd::Watch(a) => cmd_watch(a).await,
+            Cmd::Locks(a) => cmd_locks(a).await,
         }
     });
     match res {
@@ -422,6 +470,13 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         match c.cmd {
             Cmd::Watch(a) => assert_eq!(a.watchers, vec![1, 10]),
+            other => panic!("parsed as {other:?}"),
+        }
+        match Cli::try_parse_from(["lockbench", "locks", "--quick"])
+            .unwrap_or_else(|e| panic!("{e}"))
+            .cmd
+        {
+            Cmd::Locks(a) => assert!(a.quick),
             other => panic!("parsed as {other:?}"),
         }
     }
