@@ -3,6 +3,8 @@
 //! Errors print one `Error: ...` line to stderr; the exit code is 1 for
 //! server-side, network and not-found errors and 2 for usage and parse errors.
 
+#[path = "lockctl/elect.rs"]
+mod elect;
 #[path = "lockctl/lock.rs"]
 mod lock;
 #[path = "lockctl/session.rs"]
@@ -116,6 +118,10 @@ enum Cmd {
     /// lost while CMD runs, CMD gets SIGTERM (SIGKILL after --kill-grace)
     /// and lockctl exits 1.
     Lock(lock::LockArgs),
+    /// Campaign in the election NAME as IDENTITY, printing each change
+    /// (`leader: IDENTITY (token N)` / `not leader`) and running CMD only
+    /// while leader; with --observe, print the leader and every change.
+    Elect(elect::ElectArgs),
     /// Session (lease) commands.
     Session {
         #[command(subcommand)]
@@ -470,6 +476,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         }
         Cmd::Create(args) => session::create(&client, out, args).await?,
         Cmd::Lock(args) => lock::lock(&client, out, args).await?,
+        Cmd::Elect(args) => elect::elect(&client, out, args).await?,
         Cmd::Session { cmd } => session::session_cmd(&client, out, cmd).await?,
         Cmd::Get { key, serializable } => {
             let r = client

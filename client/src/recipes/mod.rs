@@ -10,3 +10,15 @@
 mod mutex;
 
 pub use mutex::{holds_lock_compare, Mutex, MutexGuard, LOCK_PREFIX};
+mod queue;
+mod rwlock;
+pub use rwlock::{RwLock, RwLockGuard, RwLockMode, READ_PREFIX, WRITE_PREFIX};
+mod election;
+pub use election::{
+    observe, Campaign, ElectionConfig, ElectionEvent, Leader, LeaderElection, LeaderObserver,
+    CANDIDATE_PREFIX,
+};
+mod semaphore;
+pub use semaphore::{Lease, Semaphore, PERMIT_PREFIX};
+mod barrier;
+pub use barrier::{Barrier, DoubleBarrier, MEMBER_PREFIX, READY_NODE};

@@ -51,7 +51,7 @@ async fn release(guard: MutexGuard, session: Session) -> Result<(), Fail> {
 }
 
 /// The exit code a shell would report for `st`.
-fn exit_code(st: std::process::ExitStatus) -> u8 {
+pub(crate) fn exit_code(st: std::process::ExitStatus) -> u8 {
     if let Some(c) = st.code() {
         return u8::try_from(c).unwrap_or(1);
     }
@@ -66,7 +66,7 @@ fn exit_code(st: std::process::ExitStatus) -> u8 {
 }
 
 /// SIGTERM, then SIGKILL after `grace`; returns the exit status.
-async fn terminate(
+pub(crate) async fn terminate(
     child: &mut tokio::process::Child,
     grace: Duration,
 ) -> std::io::Result<std::process::ExitStatus> {

@@ -1,0 +1,365 @@
+//! Shared machinery of the queue-based recipes ([`RwLock`](super::RwLock),
+//! [`Semaphore`](super::Semaphore)): ephemeral-sequential children of a
+//! container directory, a decision over the sorted queue, and a watch on
+//! what the decision says to wait for.
+
+use std::future::Future;
+
+use lockd_proto::v1 as proto;
+use tokio::time::Instant;
+
+use super::holds_lock_compare;
+use crate::client::Client;
+use crate::error::Error;
+use crate::session::{Session, SessionHandle};
+use crate::watch::{WatchEventKind, WatchOptions};
+use crate::Result;
+
+/// How many times a create is retried after the directory vanished under it.
+const CREATE_ATTEMPTS: u32 = 5;
+
+/// One node of the queue, as listed.
+#[derive(Debug)]
+pub(super) struct Entry {
+    /// Sequence number (shared counter of the directory).
+    pub seq: u64,
+    /// Index into the prefixes the queue was listed with.
+    pub kind: usize,
+    /// Full path.
+    pub path: String,
+}
+
+/// What to do given the sorted queue and our position in it.
+pub(super) enum Decision {
+    /// We hold.
+    Hold,
+    /// Wait for the deletion of this node, then list again.
+    WaitFor(String),
+    /// Wait for the deletion of any queue node ahead of us, then list again.
+    WaitAnyEarlier,
+}
+
+/// A directory of ephemeral-sequential contender nodes.
+#[derive(Clone, Debug)]
+pub(super) struct Queue {
+    pub client: Client,
+    pub dir: String,
+    pub session: SessionHandle,
+}
+
+impl Queue {
+    pub fn new(client: Client, name: impl Into<String>, session: &Session) -> Queue {
+        Queue {
+            client,
+            dir: trim_dir(name.into()),
+            session: session.handle(),
+        }
+    }
+
+    pub fn lost_error(&self) -> Error {
+        Error::SessionLost(self.session.reason())
+    }
+
+    /// Ensures the directory exists as a container.
+    pub async fn ensure_dir(&self) -> Result<()> {
+        ensure_container(&self.client, &self.dir).await
+    }
+
+    /// Creates our node `DIR/PREFIX<seq>`, ephemeral-sequential.
+    pub async fn create_node(&self, prefix: &str) -> Result<proto::Node> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let r = self
+                .client
+                .create_protected(proto::CreateRequest {
+                    path: format!("{}/{prefix}", self.dir),
+                    session_id: self.session.id,
+                    sequential: true,
+                    ..Default::default()
+                })
+                .await;
+            match r {
+                Ok(r) => return r.node.ok_or_else(no_node),
+                Err(Error::NotFound(m)) if m.starts_with("session expired") => {
+                    return Err(Error::SessionLost(m))
+                }
+                Err(Error::NotFound(_)) if attempt < CREATE_ATTEMPTS => self.ensure_dir().await?,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn node_gone(&self, path: &str) -> Error {
+        if self.session.is_lost() {
+            self.lost_error()
+        } else {
+            Error::SessionLost(format!(
+                "node {path} was deleted (session {})",
+                self.session.id
+            ))
+        }
+    }
+
+    /// Creates `DIR/prefixes[kind]<seq>` and waits until `decide(queue,
+    /// our_index)` says we hold. `Ok(None)` when `deadline` passed first (our
+    /// node is deleted again). The queue holds the nodes matching any of
+    /// `prefixes`, sorted by sequence number.
+    pub async fn acquire(
+        &self,
+        prefixes: &[&str],
+        kind: usize,
+        deadline: Option<Instant>,
+        decide: impl Fn(&[Entry], usize) -> Decision,
+    ) -> Result<Option<HeldNode>> {
+        if self.session.is_lost() {
+            return Err(self.lost_error());
+        }
+        let node = self.create_node(prefixes[kind]).await?;
+        let token = node.create_revision;
+        let mut cleanup = Cleanup {
+            client: self.client.clone(),
+            node: Some((node.path.clone(), token)),
+        };
+        let full: Vec<String> = prefixes
+            .iter()
+            .map(|p| format!("{}/{p}", self.dir))
+            .collect();
+        loop {
+            let list = match self.client.list(self.dir.clone()).await {
+                Ok(l) => l,
+                Err(Error::NotFound(_)) => {
+                    cleanup.disarm();
+                    return Err(self.node_gone(&node.path));
+                }
+                Err(e) => {
+                    cleanup.now().await;
+                    return Err(e);
+                }
+            };
+            let mut queue: Vec<Entry> = Vec::new();
+            let mut ours = None;
+            for c in &list.children {
+                for (k, p) in full.iter().enumerate() {
+                    if let Some(seq) = seq_of(p, &c.path) {
+                        if c.path == node.path && c.create_revision == token {
+                            ours = Some(seq);
+                        }
+                        queue.push(Entry {
+                            seq,
+                            kind: k,
+                            path: c.path.clone(),
+                        });
+                        break;
+                    }
+                }
+            }
+            queue.sort_by_key(|e| e.seq);
+            let Some(pos) = ours.and_then(|s| queue.iter().position(|e| e.seq == s)) else {
+                cleanup.disarm();
+                return Err(self.node_gone(&node.path));
+            };
+            let our_seq = queue[pos].seq;
+            let decision = decide(&queue, pos);
+            if let Decision::Hold = decision {
+                cleanup.disarm();
+                return Ok(Some(HeldNode {
+                    client: self.client.clone(),
+                    session: self.session.clone(),
+                    name: self.dir.clone(),
+                    path: node.path.clone(),
+                    token,
+                    released: false,
+                }));
+            }
+            if deadline.is_some_and(|d| d <= Instant::now()) {
+                cleanup.now().await;
+                return Ok(None);
+            }
+            let rev = list.header.as_ref().map_or(0, |h| h.revision);
+            let opts = match &decision {
+                Decision::WaitFor(p) => WatchOptions::key(p.clone()),
+                _ => WatchOptions::subtree(self.dir.clone()),
+            };
+            let mut watcher = self.client.watch(WatchOptions {
+                no_put: true,
+                ..opts.from_revision(rev + 1)
+            });
+            let woken = async {
+                loop {
+                    match watcher.next().await {
+                        Ok(ev) if ev.kind == WatchEventKind::Delete => {
+                            let path = ev.node.path.as_str();
+                            let earlier = full
+                                .iter()
+                                .any(|p| seq_of(p, path).is_some_and(|s| s < our_seq));
+                            if matches!(decision, Decision::WaitFor(_)) || earlier {
+                                return Ok(());
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            tokio::select! {
+                r = woken => match r {
+                    Ok(()) | Err(Error::Compacted { .. }) => {}
+                    Err(e) => {
+                        cleanup.now().await;
+                        return Err(e);
+                    }
+                },
+                _ = self.session.lost() => {
+                    cleanup.now().await;
+                    return Err(self.lost_error());
+                }
+                _ = sleep_until_opt(deadline) => {
+                    cleanup.now().await;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn trim_dir(mut dir: String) -> String {
+    while dir.len() > 1 && dir.ends_with('/') {
+        dir.pop();
+    }
+    dir
+}
+
+pub(super) fn no_node() -> Error {
+    Error::Rpc(tonic::Status::internal("create answered without a node"))
+}
+
+/// Creates `dir` (and missing parents) as a container; fine if it exists.
+pub(super) async fn ensure_container(client: &Client, dir: &str) -> Result<()> {
+    let r = client
+        .create_with(proto::CreateRequest {
+            path: dir.to_string(),
+            parents: true,
+            container: true,
+            ..Default::default()
+        })
+        .await;
+    match r {
+        Ok(_) | Err(Error::AlreadyExists(_)) | Err(Error::Ambiguous(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The sequence number of a node `PREFIX0000000042`.
+pub(super) fn seq_of(prefix: &str, path: &str) -> Option<u64> {
+    let digits = path.strip_prefix(prefix)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+pub(super) async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Deletes `path` if it is still the node created at `token`.
+pub(super) async fn delete_node(client: &Client, path: &str, token: u64) -> Result<()> {
+    let req = proto::TxnRequest {
+        compare: vec![holds_lock_compare(path, token)],
+        success: vec![proto::Op {
+            op: Some(proto::op::Op::Delete(proto::DeleteRequest {
+                path: path.to_string(),
+                expected_version: None,
+                recursive: false,
+            })),
+        }],
+        ..Default::default()
+    };
+    match client.txn(req.clone()).await {
+        Ok(_) => Ok(()),
+        Err(Error::Ambiguous(_)) => client.txn(req).await.map(|_| ()),
+        Err(e) => Err(e),
+    }
+}
+
+fn spawn_delete(client: Client, path: String, token: u64) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            if let Err(e) = delete_node(&client, &path, token).await {
+                tracing::debug!(%path, error = %e, "releasing node failed");
+            }
+        });
+    }
+}
+
+/// Deletes a node whose acquisition did not complete (also on drop).
+pub(super) struct Cleanup {
+    pub client: Client,
+    pub node: Option<(String, u64)>,
+}
+
+impl Cleanup {
+    pub fn disarm(&mut self) {
+        self.node = None;
+    }
+
+    pub async fn now(&mut self) {
+        if let Some((path, token)) = self.node.take() {
+            if let Err(e) = delete_node(&self.client, &path, token).await {
+                tracing::debug!(%path, error = %e, "deleting node failed");
+            }
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some((path, token)) = self.node.take() {
+            spawn_delete(self.client.clone(), path, token);
+        }
+    }
+}
+
+/// A held node: what the public guards wrap. Deleted on drop (background).
+#[derive(Debug)]
+pub(super) struct HeldNode {
+    pub client: Client,
+    pub session: SessionHandle,
+    pub name: String,
+    pub path: String,
+    pub token: u64,
+    pub released: bool,
+}
+
+impl HeldNode {
+    pub fn compare(&self) -> proto::Compare {
+        holds_lock_compare(self.path.clone(), self.token)
+    }
+
+    pub async fn guarded_txn(&self, mut req: proto::TxnRequest) -> Result<proto::TxnResponse> {
+        req.compare.push(self.compare());
+        self.client.txn(req).await
+    }
+
+    pub fn lost(&self) -> impl Future<Output = String> + Send + 'static {
+        let session = self.session.clone();
+        async move { format!("session lost: {}", session.lost().await) }
+    }
+
+    pub async fn release(mut self) -> Result<()> {
+        self.released = true;
+        delete_node(&self.client, &self.path, self.token).await
+    }
+}
+
+impl Drop for HeldNode {
+    fn drop(&mut self) {
+        if !self.released {
+            spawn_delete(self.client.clone(), self.path.clone(), self.token);
+        }
+    }
+}
