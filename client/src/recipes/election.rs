@@ -12,6 +12,8 @@ use crate::session::{Session, SessionState};
 use crate::watch::{WatchEventKind, WatchOptions};
 use crate::Result;
 
+use super::queue::{delete_node, seq_of, trim_dir};
+
 /// Name prefix of the candidates' nodes in an election directory: a
 /// candidate is `NAME/candidate-0000000042`, its data the identity.
 pub const CANDIDATE_PREFIX: &str = "candidate-";
@@ -163,13 +165,6 @@ impl LeaderElection {
         let rest = c.cancel().await;
         rest.into_iter().for_each(on_event);
     }
-}
-
-fn trim_dir(mut dir: String) -> String {
-    while dir.len() > 1 && dir.ends_with('/') {
-        dir.pop();
-    }
-    dir
 }
 
 enum Cmd {
@@ -554,34 +549,6 @@ impl Task {
             }
         }
     }
-}
-
-/// Deletes a candidate node if it is still the one created at `token`.
-async fn delete_node(client: &Client, path: &str, token: u64) -> Result<()> {
-    let req = proto::TxnRequest {
-        compare: vec![super::holds_lock_compare(path, token)],
-        success: vec![proto::Op {
-            op: Some(proto::op::Op::Delete(proto::DeleteRequest {
-                path: path.to_string(),
-                expected_version: None,
-                recursive: false,
-            })),
-        }],
-        ..Default::default()
-    };
-    match client.txn(req.clone()).await {
-        Ok(_) => Ok(()),
-        Err(Error::Ambiguous(_)) => client.txn(req).await.map(|_| ()),
-        Err(e) => Err(e),
-    }
-}
-
-fn seq_of(prefix: &str, path: &str) -> Option<u64> {
-    let digits = path.strip_prefix(prefix)?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
 }
 
 /// A leader as seen by [`observe`].

@@ -14,6 +14,8 @@ use crate::session::{Session, SessionHandle};
 use crate::watch::{WatchEventKind, WatchOptions};
 use crate::Result;
 
+use super::queue::{delete_node, seq_of, sleep_until_opt, spawn_delete, Cleanup};
+
 /// Name prefix of the contenders' nodes in a lock directory: a contender is
 /// `NAME/lock-0000000042`.
 pub const LOCK_PREFIX: &str = "lock-";
@@ -290,87 +292,6 @@ impl Mutex {
                 "lock node {path} was deleted (session {})",
                 self.session.id
             ))
-        }
-    }
-}
-
-/// The sequence number of a contender node `PREFIX0000000042`.
-fn seq_of(prefix: &str, path: &str) -> Option<u64> {
-    let digits = path.strip_prefix(prefix)?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Deletes a contender node if it is still the one created at `token`.
-///
-/// Conditional, not by path alone: once a container is emptied and deleted,
-/// a new one restarts its sequence, so a later contender may get the same
-/// path.
-async fn delete_node(client: &Client, path: &str, token: u64) -> Result<()> {
-    let req = proto::TxnRequest {
-        compare: vec![holds_lock_compare(path, token)],
-        success: vec![proto::Op {
-            op: Some(proto::op::Op::Delete(proto::DeleteRequest {
-                path: path.to_string(),
-                expected_version: None,
-                recursive: false,
-            })),
-        }],
-        ..Default::default()
-    };
-    match client.txn(req.clone()).await {
-        Ok(_) => Ok(()),
-        // Safe to repeat: a second run finds the node gone.
-        Err(Error::Ambiguous(_)) => client.txn(req).await.map(|_| ()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Deletes the node in the background, if a Tokio runtime is running.
-fn spawn_delete(client: Client, path: String, token: u64) {
-    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        rt.spawn(async move {
-            if let Err(e) = delete_node(&client, &path, token).await {
-                tracing::debug!(%path, error = %e, "releasing lock node failed");
-            }
-        });
-    }
-}
-
-/// Deletes a contender node whose acquisition did not complete (including
-/// when the acquiring future is dropped).
-struct Cleanup {
-    client: Client,
-    node: Option<(String, u64)>,
-}
-
-impl Cleanup {
-    fn disarm(&mut self) {
-        self.node = None;
-    }
-
-    async fn now(&mut self) {
-        if let Some((path, token)) = self.node.take() {
-            if let Err(e) = delete_node(&self.client, &path, token).await {
-                tracing::debug!(%path, error = %e, "deleting lock node failed");
-            }
-        }
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Some((path, token)) = self.node.take() {
-            spawn_delete(self.client.clone(), path, token);
         }
     }
 }

@@ -286,7 +286,8 @@ pub(super) async fn delete_node(client: &Client, path: &str, token: u64) -> Resu
     }
 }
 
-fn spawn_delete(client: Client, path: String, token: u64) {
+/// Deletes the node in the background, if a Tokio runtime is running.
+pub(super) fn spawn_delete(client: Client, path: String, token: u64) {
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         rt.spawn(async move {
             if let Err(e) = delete_node(&client, &path, token).await {
