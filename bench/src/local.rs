@@ -164,8 +164,9 @@ fn delta(before: &Scrape, after: &Scrape, leader: u64) -> GroupCommit {
     gc
 }
 
-/// Starts the cluster and runs the suite.
-pub async fn run_suite(target: &dyn Target, mode: Mode) -> Result<SuiteResult> {
+/// Starts a 3-member cluster with production-like timeouts (heartbeat
+/// 100 ms, election timeout 1 s) and waits for its leader.
+pub(crate) async fn start_cluster() -> Result<(Cluster, u64)> {
     let opts = ClusterOptions {
         heartbeat_ms: 100,
         election_timeout_ms: 1000,
@@ -180,6 +181,12 @@ pub async fn run_suite(target: &dyn Target, mode: Mode) -> Result<SuiteResult> {
         .await
         .context("wait for a leader")?;
     eprintln!("lockbench: leader is member {leader}");
+    Ok((cluster, leader))
+}
+
+/// Starts the cluster and runs the suite.
+pub async fn run_suite(target: &dyn Target, mode: Mode) -> Result<SuiteResult> {
+    let (cluster, leader) = crate::local::start_cluster().await?;
     let mut notes = Vec::new();
 
     let root = cluster.root().to_path_buf();

@@ -40,7 +40,6 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use lockd_client::recipes::Mutex;
 use lockd_client::Client;
-use lockd_e2e::{Cluster, ClusterOptions};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
@@ -493,20 +492,7 @@ async fn one_election(all: &[String], client: &Client, rep: usize) -> Result<Fai
 }
 
 pub async fn run(o: Options) -> Result<LocksResult> {
-    let opts = ClusterOptions {
-        heartbeat_ms: 100,
-        election_timeout_ms: 1000,
-        ..ClusterOptions::default()
-    };
-    eprintln!("lockbench: starting a 3-member lockd cluster");
-    let cluster = Cluster::start(3, opts)
-        .await
-        .context("start the lockd cluster")?;
-    let leader = cluster
-        .wait_for_leader(Duration::from_secs(30))
-        .await
-        .context("wait for a leader")?;
-    eprintln!("lockbench: leader is member {leader}");
+    let (cluster, leader) = crate::local::start_cluster().await?;
     let all = cluster.endpoints();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut res = LocksResult {

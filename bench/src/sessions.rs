@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
-use lockd_e2e::{Cluster, ClusterOptions};
+use lockd_e2e::Cluster;
 use lockd_proto::v1::session_client::SessionClient;
 use lockd_proto::v1::{CloseSessionRequest, KeepAliveRequest, OpenSessionRequest};
 use serde::Serialize;
@@ -752,20 +752,7 @@ pub async fn run(target: &dyn Target, o: Options) -> Result<SessionsResult> {
     if interval < Duration::from_millis(10) {
         bail!("--ttl too short");
     }
-    let opts = ClusterOptions {
-        heartbeat_ms: 100,
-        election_timeout_ms: 1000,
-        ..ClusterOptions::default()
-    };
-    eprintln!("lockbench: starting a 3-member lockd cluster");
-    let cluster = Cluster::start(3, opts)
-        .await
-        .context("start the lockd cluster")?;
-    let leader = cluster
-        .wait_for_leader(Duration::from_secs(30))
-        .await
-        .context("wait for a leader")?;
-    eprintln!("lockbench: leader is member {leader}");
+    let (cluster, leader) = crate::local::start_cluster().await?;
     let mut notes = Vec::new();
     let tck = clk_tck();
     let mut pids = BTreeMap::new();

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
-use lockd_e2e::{Cluster, ClusterOptions};
+use lockd_e2e::Cluster;
 use lockd_proto::v1::watch_client::WatchClient;
 use lockd_proto::v1::watch_create::Scope;
 use lockd_proto::v1::watch_request::Request;
@@ -542,20 +542,7 @@ pub async fn run(o: Options) -> Result<WatchResult> {
     if o.watchers.is_empty() || o.watchers.contains(&0) {
         bail!("--watchers must be one or more counts of at least 1");
     }
-    let opts = ClusterOptions {
-        heartbeat_ms: 100,
-        election_timeout_ms: 1000,
-        ..ClusterOptions::default()
-    };
-    eprintln!("lockbench: starting a 3-member lockd cluster");
-    let cluster = Cluster::start(3, opts)
-        .await
-        .context("start the lockd cluster")?;
-    let leader = cluster
-        .wait_for_leader(Duration::from_secs(30))
-        .await
-        .context("wait for a leader")?;
-    eprintln!("lockbench: leader is member {leader}");
+    let (cluster, leader) = crate::local::start_cluster().await?;
     let tck = clk_tck();
     let mut pids = BTreeMap::new();
     for id in cluster.ids() {
