@@ -12,7 +12,7 @@ use crate::session::{Session, SessionState};
 use crate::watch::{WatchEventKind, WatchOptions};
 use crate::Result;
 
-use super::queue::{delete_node, seq_of, trim_dir};
+use super::queue::{delete_node, ensure_container, seq_of, trim_dir};
 
 /// Name prefix of the candidates' nodes in an election directory: a
 /// candidate is `NAME/candidate-0000000042`, its data the identity.
@@ -361,20 +361,9 @@ impl Task {
         }
     }
 
+    /// Ensures the directory exists as a container.
     async fn ensure_dir(&self) -> Result<()> {
-        let r = self
-            .client
-            .create_with(proto::CreateRequest {
-                path: self.dir.clone(),
-                parents: true,
-                container: true,
-                ..Default::default()
-            })
-            .await;
-        match r {
-            Ok(_) | Err(Error::AlreadyExists(_)) | Err(Error::Ambiguous(_)) => Ok(()),
-            Err(e) => Err(e),
-        }
+        ensure_container(&self.client, &self.dir).await
     }
 
     async fn create_node(&self, session: &Session) -> Result<proto::Node> {

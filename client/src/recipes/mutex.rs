@@ -14,7 +14,7 @@ use crate::session::{Session, SessionHandle};
 use crate::watch::{WatchEventKind, WatchOptions};
 use crate::Result;
 
-use super::queue::{delete_node, seq_of, sleep_until_opt, spawn_delete, Cleanup};
+use super::queue::{delete_node, ensure_container, seq_of, sleep_until_opt, spawn_delete, Cleanup};
 
 /// Name prefix of the contenders' nodes in a lock directory: a contender is
 /// `NAME/lock-0000000042`.
@@ -147,22 +147,9 @@ impl Mutex {
         Error::SessionLost(self.session.reason())
     }
 
-    /// Ensures the lock directory exists as a container.
+    /// Ensures the directory exists as a container.
     async fn ensure_dir(&self) -> Result<()> {
-        let r = self
-            .client
-            .create_with(proto::CreateRequest {
-                path: self.dir.clone(),
-                parents: true,
-                container: true,
-                ..Default::default()
-            })
-            .await;
-        match r {
-            // Ambiguous: the next create tells.
-            Ok(_) | Err(Error::AlreadyExists(_)) | Err(Error::Ambiguous(_)) => Ok(()),
-            Err(e) => Err(e),
-        }
+        ensure_container(&self.client, &self.dir).await
     }
 
     /// Creates our contender node.
