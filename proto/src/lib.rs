@@ -1,7 +1,10 @@
 //! Generated types and gRPC stubs for the `lockd.v1` API.
-#![allow(missing_docs, clippy::all, clippy::pedantic)]
+#![deny(missing_docs)]
+
+pub mod layout;
 
 /// `lockd.v1`: KV, Cluster and the member-to-member Raft service.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod v1 {
     tonic::include_proto!("lockd.v1");
 }

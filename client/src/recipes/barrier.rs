@@ -13,13 +13,9 @@ use crate::session::Session;
 use crate::watch::{WatchEventKind, WatchOptions};
 use crate::Result;
 
-/// Name prefix of a member's node in a [`DoubleBarrier`] directory:
-/// `NAME/member-0000000042`.
-pub const MEMBER_PREFIX: &str = "member-";
+pub use lockd_proto::layout::MEMBER_PREFIX;
 
-/// Name of the node a [`DoubleBarrier`] creates once `N` members entered:
-/// `NAME/ready`.
-pub const READY_NODE: &str = "ready";
+pub use lockd_proto::layout::READY_NODE;
 
 /// Waits for the first `kind` event on `path` at or after revision `from`.
 /// A compacted history counts as an event (the caller re-reads).

@@ -14,9 +14,7 @@ use crate::Result;
 
 use super::queue::{delete_node, ensure_container, seq_of, trim_dir};
 
-/// Name prefix of the candidates' nodes in an election directory: a
-/// candidate is `NAME/candidate-0000000042`, its data the identity.
-pub const CANDIDATE_PREFIX: &str = "candidate-";
+pub use lockd_proto::layout::CANDIDATE_PREFIX;
 
 /// How long to wait before retrying after an error talking to the cluster.
 const RETRY_PERIOD: Duration = Duration::from_millis(500);

@@ -16,9 +16,7 @@ use crate::Result;
 
 use super::queue::{delete_node, ensure_container, seq_of, sleep_until_opt, spawn_delete, Cleanup};
 
-/// Name prefix of the contenders' nodes in a lock directory: a contender is
-/// `NAME/lock-0000000042`.
-pub const LOCK_PREFIX: &str = "lock-";
+pub use lockd_proto::layout::LOCK_PREFIX;
 
 /// How many times a create is retried after the lock directory vanished
 /// under it (a container is deleted once its last child goes).

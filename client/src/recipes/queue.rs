@@ -250,14 +250,7 @@ pub(super) async fn ensure_container(client: &Client, dir: &str) -> Result<()> {
     }
 }
 
-/// The sequence number of a node `PREFIX0000000042`.
-pub(super) fn seq_of(prefix: &str, path: &str) -> Option<u64> {
-    let digits = path.strip_prefix(prefix)?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
-}
+pub(super) use lockd_proto::layout::seq_of;
 
 pub(super) async fn sleep_until_opt(at: Option<Instant>) {
     match at {

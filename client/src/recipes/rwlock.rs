@@ -13,10 +13,8 @@ use crate::error::Error;
 use crate::session::Session;
 use crate::Result;
 
-/// Name prefix of a reader's node: `NAME/read-0000000042`.
-pub const READ_PREFIX: &str = "read-";
-/// Name prefix of a writer's node: `NAME/write-0000000042`.
-pub const WRITE_PREFIX: &str = "write-";
+pub use lockd_proto::layout::READ_PREFIX;
+pub use lockd_proto::layout::WRITE_PREFIX;
 
 const PREFIXES: [&str; 2] = [READ_PREFIX, WRITE_PREFIX];
 const READ: usize = 0;

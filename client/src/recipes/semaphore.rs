@@ -13,9 +13,7 @@ use crate::error::Error;
 use crate::session::Session;
 use crate::Result;
 
-/// Name prefix of a contender's node in a semaphore directory:
-/// `NAME/permit-0000000042`.
-pub const PERMIT_PREFIX: &str = "permit-";
+pub use lockd_proto::layout::PERMIT_PREFIX;
 
 /// A distributed semaphore with `N` leases on a directory such as
 /// `/semaphores/db-pool` (Curator's `InterProcessSemaphoreV2` semantics:
