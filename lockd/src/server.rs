@@ -1,4 +1,5 @@
-//! Serving a member: the gRPC port (KV, Cluster and the peer Raft service)
+//! Serving a member: the gRPC port (the lockd.v1 services, the peer Raft
+//! service, grpc.health.v1 and server reflection)
 //! and the HTTP port (/healthz, /readyz, /metrics), with graceful shutdown.
 
 use std::future::Future;
@@ -10,7 +11,9 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use futures::StreamExt;
 use lockd_proto::v1::cluster_server::ClusterServer;
+use lockd_proto::v1::election_server::ElectionServer;
 use lockd_proto::v1::kv_server::KvServer;
+use lockd_proto::v1::lock_server::LockServer;
 use lockd_proto::v1::raft_server::RaftServer;
 use lockd_proto::v1::session_server::SessionServer;
 use lockd_proto::v1::watch_server::WatchServer;
@@ -18,7 +21,9 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::cluster::ClusterService;
+use crate::api::election::ElectionService;
 use crate::api::kv::KvService;
+use crate::api::lock::LockService;
 use crate::api::peer::PeerService;
 use crate::api::session::SessionService;
 use crate::api::watch::WatchService;
@@ -30,6 +35,9 @@ pub enum ServeError {
     /// Startup failed.
     #[error(transparent)]
     Start(#[from] StartError),
+    /// The reflection service could not be built from the descriptors.
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -125,6 +133,18 @@ pub async fn run(
     });
     let mut stop = stop_rx.clone();
     let hub = node.watch.clone();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let health_task = tokio::spawn(report_health(node.clone(), health));
+    let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(lockd_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
     let served = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(crate::raft::network::WINDOW))
@@ -143,6 +163,11 @@ pub async fn run(
             stop_rx.clone(),
         )))
         .add_service(WatchServer::new(WatchService::new(node.clone())))
+        .add_service(LockServer::new(LockService::new(node.clone())))
+        .add_service(ElectionServer::new(ElectionService::new(node.clone())))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(
             RaftServer::new(PeerService::new(node.clone()))
                 .max_decoding_message_size(usize::MAX)
@@ -155,6 +180,7 @@ pub async fn run(
         })
         .await;
     watcher.abort();
+    health_task.abort();
     if let Err(e) = node.raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }
@@ -168,6 +194,43 @@ pub async fn run(
         None => {
             tracing::info!(id = node.config.id, "member stopped");
             Ok(())
+        }
+    }
+}
+
+/// Keeps grpc.health.v1 in step with /readyz: the overall status ("") and
+/// every lockd.v1 service are SERVING while the member is ready.
+async fn report_health(node: Arc<LockdNode>, health: tonic_health::server::HealthReporter) {
+    use openraft::async_runtime::WatchReceiver;
+    const SERVICES: [&str; 7] = [
+        "",
+        "lockd.v1.KV",
+        "lockd.v1.Cluster",
+        "lockd.v1.Session",
+        "lockd.v1.Watch",
+        "lockd.v1.Lock",
+        "lockd.v1.Election",
+    ];
+    let mut metrics = node.raft.metrics();
+    let mut last = None;
+    loop {
+        let ready = node.is_ready();
+        if last != Some(ready) {
+            let status = if ready {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for s in SERVICES {
+                health.set_service_status(s, status).await;
+            }
+            last = Some(ready);
+        }
+        // Metrics change on every applied entry: look at most ten times a
+        // second.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if metrics.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -1,5 +1,6 @@
-//! gRPC services: `lockd.v1.KV`, `lockd.v1.Cluster` and the member-to-member
-//! `lockd.v1.Raft`.
+//! gRPC services: `lockd.v1.KV`, `Cluster`, `Session`, `Watch`, `Lock`,
+//! `Election` and the member-to-member `lockd.v1.Raft`; also gRPC health
+//! (`grpc.health.v1`) and server reflection.
 //!
 //! Owns: request validation, conversion between protobuf and the state
 //! machine's types, mapping errors to gRPC statuses with clear messages, and
@@ -7,8 +8,11 @@
 //! Must never: pass a request to Raft before it is validated.
 
 pub mod cluster;
+pub mod contend;
 pub mod convert;
+pub mod election;
 pub mod kv;
+pub mod lock;
 pub mod peer;
 pub mod session;
 pub mod watch;
