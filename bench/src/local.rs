@@ -184,6 +184,26 @@ pub(crate) async fn start_cluster() -> Result<(Cluster, u64)> {
     Ok((cluster, leader))
 }
 
+/// Notes on what happened to the cluster during a measurement (`during`:
+/// "the run", "the suite"): leadership moved away from `leader` (asked with
+/// a 5 s bound), or a member exited.
+pub(crate) async fn cluster_notes(cluster: &Cluster, leader: u64, during: &str) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Ok(now) = cluster.wait_for_leader(Duration::from_secs(5)).await {
+        if now != leader {
+            notes.push(format!(
+                "leadership moved from member {leader} to {now} during {during}"
+            ));
+        }
+    }
+    for id in cluster.ids() {
+        if let Some(st) = cluster.exit_status(id) {
+            notes.push(format!("member {id} exited during {during}: {st}"));
+        }
+    }
+    notes
+}
+
 /// Starts the cluster and runs the suite.
 pub async fn run_suite(target: &dyn Target, mode: Mode) -> Result<SuiteResult> {
     let (cluster, leader) = crate::local::start_cluster().await?;
@@ -249,18 +269,7 @@ pub async fn run_suite(target: &dyn Target, mode: Mode) -> Result<SuiteResult> {
         );
         workloads.push(out);
     }
-    if let Ok(now) = cluster.wait_for_leader(Duration::from_secs(5)).await {
-        if now != leader {
-            notes.push(format!(
-                "leadership moved from member {leader} to {now} during the suite"
-            ));
-        }
-    }
-    for id in cluster.ids() {
-        if let Some(st) = cluster.exit_status(id) {
-            notes.push(format!("member {id} exited during the suite: {st}"));
-        }
-    }
+    notes.extend(cluster_notes(&cluster, leader, "the suite").await);
     Ok(SuiteResult {
         mode,
         leader,

@@ -570,19 +570,8 @@ pub async fn run(o: Options) -> Result<LocksResult> {
         }
     }
 
-    if let Ok(now) = cluster.wait_for_leader(Duration::from_secs(5)).await {
-        if now != leader {
-            res.notes.push(format!(
-                "leadership moved from member {leader} to {now} during the run"
-            ));
-        }
-    }
-    for id in cluster.ids() {
-        if let Some(st) = cluster.exit_status(id) {
-            res.notes
-                .push(format!("member {id} exited during the run: {st}"));
-        }
-    }
+    res.notes
+        .extend(crate::local::cluster_notes(&cluster, leader, "the run").await);
     Ok(res)
 }
 

@@ -17,6 +17,7 @@
 mod fsync;
 mod local;
 mod locks;
+mod procstat;
 mod report;
 mod sessions;
 mod target;

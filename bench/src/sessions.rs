@@ -34,6 +34,7 @@ use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::local::gauge_from_metrics;
+use crate::procstat::{clk_tck, rss_kib, CpuWindow, Probe};
 use crate::report::{ms, ops, row, Row};
 use crate::target::{http_uri, Target};
 use crate::workload::{self, new_histogram, Kind, Latency, Outcome, Spec};
@@ -66,16 +67,6 @@ impl Options {
             Duration::from_secs(1)
         }
     }
-}
-
-/// CPU and memory of the members over one window.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct CpuWindow {
-    pub seconds: f64,
-    /// Percent of one core, per member id.
-    pub cpu_percent: BTreeMap<u64, f64>,
-    /// VmRSS at the end of the window, KiB, per member id.
-    pub rss_kib: BTreeMap<u64, u64>,
 }
 
 /// Open or Close of every session.
@@ -154,89 +145,6 @@ impl SessionsResult {
             && self.keepalive.errors == 0
             && self.keepalive.ok > 0
             && self.close.errors == 0
-    }
-}
-
-// ---------------------------------------------------------------- /proc
-
-/// Clock ticks per second for /proc/<pid>/stat (`getconf CLK_TCK`, else 100).
-pub(crate) fn clk_tck() -> u64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .filter(|&t: &u64| t > 0)
-        .unwrap_or(100)
-}
-
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("read /proc/{pid}/stat"))?;
-    // The command name is in parentheses and may contain spaces; fields
-    // after it start at field 3 (state), so utime (14) and stime (15) are
-    // at indices 11 and 12.
-    let rest = s
-        .rfind(')')
-        .map(|i| &s[i + 1..])
-        .ok_or_else(|| anyhow!("/proc/{pid}/stat: no ')'"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| -> Result<u64> {
-        f.get(i)
-            .ok_or_else(|| anyhow!("/proc/{pid}/stat: too few fields"))?
-            .parse::<u64>()
-            .with_context(|| format!("/proc/{pid}/stat field {}", i + 3))
-    };
-    Ok(field(11)? + field(12)?)
-}
-
-/// VmRSS of `pid`, KiB.
-fn rss_kib(pid: u32) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("read /proc/{pid}/status"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| anyhow!("/proc/{pid}/status: no VmRSS"))
-}
-
-pub(crate) struct Sample {
-    at: Instant,
-    ticks: BTreeMap<u64, u64>,
-}
-
-pub(crate) struct Probe {
-    pub(crate) pids: BTreeMap<u64, u32>,
-    pub(crate) tck: u64,
-}
-
-impl Probe {
-    pub(crate) fn sample(&self) -> Result<Sample> {
-        let mut ticks = BTreeMap::new();
-        for (id, pid) in &self.pids {
-            ticks.insert(*id, cpu_ticks(*pid)?);
-        }
-        Ok(Sample {
-            at: Instant::now(),
-            ticks,
-        })
-    }
-
-    pub(crate) fn window(&self, a: &Sample, b: &Sample) -> Result<CpuWindow> {
-        let seconds = b.at.duration_since(a.at).as_secs_f64();
-        let mut w = CpuWindow {
-            seconds,
-            ..Default::default()
-        };
-        for (id, pid) in &self.pids {
-            let dt = b.ticks[id].saturating_sub(a.ticks[id]) as f64 / self.tck as f64;
-            w.cpu_percent.insert(*id, 100.0 * dt / seconds.max(1e-9));
-            w.rss_kib.insert(*id, rss_kib(*pid)?);
-        }
-        Ok(w)
     }
 }
 
@@ -755,16 +663,7 @@ pub async fn run(target: &dyn Target, o: Options) -> Result<SessionsResult> {
     let (cluster, leader) = crate::local::start_cluster().await?;
     let mut notes = Vec::new();
     let tck = clk_tck();
-    let mut pids = BTreeMap::new();
-    for id in cluster.ids() {
-        pids.insert(
-            id,
-            cluster
-                .pid(id)
-                .ok_or_else(|| anyhow!("member {id} is not running"))?,
-        );
-    }
-    let probe = Probe { pids, tck };
+    let probe = Probe::members(&cluster, tck)?;
     let all = cluster.endpoints();
     let leader_ep = cluster.endpoint(leader);
     let mut log_entries = BTreeMap::new();
@@ -894,18 +793,7 @@ pub async fn run(target: &dyn Target, o: Options) -> Result<SessionsResult> {
     );
     let leader_rss_after_close_kib = cluster.pid(leader).and_then(|p| rss_kib(p).ok());
 
-    if let Ok(now) = cluster.wait_for_leader(Duration::from_secs(5)).await {
-        if now != leader {
-            notes.push(format!(
-                "leadership moved from member {leader} to {now} during the run"
-            ));
-        }
-    }
-    for id in cluster.ids() {
-        if let Some(st) = cluster.exit_status(id) {
-            notes.push(format!("member {id} exited during the run: {st}"));
-        }
-    }
+    notes.extend(crate::local::cluster_notes(&cluster, leader, "the run").await);
     Ok(SessionsResult {
         options: o,
         leader,
@@ -1133,13 +1021,5 @@ lockd_grpc_requests_total{method=\"KV/Put\",code=\"Ok\"} 7
         assert_eq!(m.get("Ok"), Some(&12.0));
         assert_eq!(m.get("NotFound"), Some(&2.0));
         assert_eq!(m.len(), 2);
-    }
-
-    #[test]
-    fn reads_own_proc_files() {
-        let pid = std::process::id();
-        cpu_ticks(pid).unwrap();
-        assert!(rss_kib(pid).unwrap() > 0);
-        assert!(clk_tck() > 0);
     }
 }

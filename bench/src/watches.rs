@@ -39,8 +39,8 @@ use tokio::time::Instant;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::procstat::{clk_tck, CpuWindow, Probe};
 use crate::report::{ms, row, Row};
-use crate::sessions::{clk_tck, CpuWindow, Probe};
 use crate::target::http_uri;
 use crate::workload::{new_histogram, Latency};
 
@@ -544,18 +544,9 @@ pub async fn run(o: Options) -> Result<WatchResult> {
     }
     let (cluster, leader) = crate::local::start_cluster().await?;
     let tck = clk_tck();
-    let mut pids = BTreeMap::new();
-    for id in cluster.ids() {
-        pids.insert(
-            id,
-            cluster
-                .pid(id)
-                .ok_or_else(|| anyhow!("member {id} is not running"))?,
-        );
-    }
+    let mut probe = Probe::members(&cluster, tck)?;
     // This process too (id 0): it decodes every watcher's events.
-    pids.insert(0, std::process::id());
-    let probe = Probe { pids, tck };
+    probe.pids.insert(0, std::process::id());
     // Create the key, then let the start-up die down.
     let mut kv = lockd_e2e::kv_client(&cluster.endpoint(leader), Duration::from_secs(10));
     kv.put(PutRequest {
@@ -588,18 +579,7 @@ pub async fn run(o: Options) -> Result<WatchResult> {
         rounds.push(r);
     }
 
-    if let Ok(now) = cluster.wait_for_leader(Duration::from_secs(5)).await {
-        if now != leader {
-            notes.push(format!(
-                "leadership moved from member {leader} to {now} during the run"
-            ));
-        }
-    }
-    for id in cluster.ids() {
-        if let Some(st) = cluster.exit_status(id) {
-            notes.push(format!("member {id} exited during the run: {st}"));
-        }
-    }
+    notes.extend(crate::local::cluster_notes(&cluster, leader, "the run").await);
     Ok(WatchResult {
         options: o,
         key: KEY.to_string(),
