@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 pub mod lockctl;
+pub mod proxy;
 
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -55,6 +56,35 @@ pub fn lockd_bin() -> PathBuf {
 /// Path of the `lockctl` CLI binary: `$LOCKCTL_BIN`, else `target/<profile>/lockctl`.
 pub fn lockctl_bin() -> PathBuf {
     find_bin("LOCKCTL_BIN", "lockctl")
+}
+
+/// `lockctl --endpoints=ENDPOINTS` ready for more arguments: no
+/// `LOCKD_ENDPOINTS` from the environment, stdin null, stdout and stderr
+/// piped, killed when dropped. Add the arguments with `.args(...)`; set
+/// stderr again to discard it.
+pub fn lockctl_command(endpoints: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(lockctl_bin());
+    cmd.env_remove("LOCKD_ENDPOINTS")
+        .arg(format!("--endpoints={endpoints}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Sends signal `sig` to process `pid` (a child the test started); panics
+/// if kill(2) fails.
+pub fn signal(pid: u32, sig: i32) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits in pid_t");
+    // SAFETY: plain kill(2) on a process the test started.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 fn find_bin(env: &str, name: &str) -> PathBuf {
@@ -354,6 +384,23 @@ impl Cluster {
         unreachable!("the last attempt returns")
     }
 
+    /// [`Cluster::start`] then [`Cluster::wait_for_leader`] with
+    /// `leader_timeout`; panics (the logs are dumped) if either fails. For
+    /// tests whose body needs a working cluster from the start.
+    pub async fn start_ready(n: u64, opts: ClusterOptions, leader_timeout: Duration) -> Cluster {
+        let c = Cluster::start(n, opts)
+            .await
+            .unwrap_or_else(|e| panic!("start {n} members: {e:?}"));
+        c.wait_for_leader(leader_timeout).await.expect("a leader");
+        c
+    }
+
+    /// [`Cluster::start_ready`] with 3 members, default options and 20 s
+    /// to agree on a leader.
+    pub async fn start_three() -> Cluster {
+        Cluster::start_ready(3, ClusterOptions::default(), Duration::from_secs(20)).await
+    }
+
     fn spawn_initial(n: u64, opts: ClusterOptions) -> Result<Cluster> {
         let bin = lockd_bin();
         let dir = tempfile::Builder::new()
@@ -553,6 +600,21 @@ impl Cluster {
             .collect()
     }
 
+    /// [`Cluster::endpoints`] rotated left by `i % n`, so that client `i`
+    /// starts on the `i % n`-th running member (spreads clients over the
+    /// members). Panics when no member runs.
+    pub fn endpoints_from(&self, i: usize) -> Vec<String> {
+        let mut eps = self.endpoints();
+        let n = eps.len();
+        eps.rotate_left(i % n);
+        eps
+    }
+
+    /// Ids of all members but `leader` (running or not).
+    pub fn followers(&self, leader: u64) -> Vec<u64> {
+        self.ids().into_iter().filter(|&i| i != leader).collect()
+    }
+
     /// HTTP address "127.0.0.1:H".
     pub fn http_addr(&self, id: u64) -> String {
         self.with_member(id, |m| format!("127.0.0.1:{}", m.http_port))
@@ -601,6 +663,12 @@ impl Cluster {
     }
 
     // ----- process control ------------------------------------------------
+
+    /// Sends `sig` to member `id`'s process (e.g. SIGSTOP/SIGCONT to cut it
+    /// off for a while); panics if it is not running or kill(2) fails.
+    pub fn signal(&self, id: u64, sig: i32) {
+        signal(self.pid(id).expect("member is running"), sig);
+    }
 
     /// SIGKILL member `id` and reap it. No-op if it is not running.
     pub fn kill(&self, id: u64) {

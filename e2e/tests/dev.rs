@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use lockd_e2e::v1::StatusRequest;
-use lockd_e2e::{bounded, cluster_client, get, kv_client, lockd_bin, put, wait_for};
+use lockd_e2e::{bounded, cluster_client, get, kv_client, lockd_bin, put, signal, wait_for};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -60,9 +60,7 @@ async fn start_dev(dir: &std::path::Path, grpc: u16, http: u16) -> (Child, Vec<S
 }
 
 async fn interrupt(child: &mut Child) -> std::process::ExitStatus {
-    let pid = i32::try_from(child.id().expect("running")).expect("pid");
-    // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    signal(child.id().expect("running"), libc::SIGINT);
     tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("lockd dev stops within 20 s of Ctrl-C")

@@ -8,10 +8,6 @@ use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn followers(c: &Cluster, leader: u64) -> Vec<u64> {
-    c.ids().into_iter().filter(|&i| i != leader).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kill_no_acked_write_lost() {
     let c = Cluster::start(3, ClusterOptions::default())
@@ -62,7 +58,8 @@ async fn leader_kill_no_acked_write_lost() {
             verify_acked(&mut c.kv(new_leader), &report.acked)
                 .await
                 .expect("every acked write survives");
-            let other = followers(&c, leader)
+            let other = c
+                .followers(leader)
                 .into_iter()
                 .find(|&i| i != new_leader)
                 .expect("third member");
@@ -157,7 +154,7 @@ async fn no_leader_unavailable() {
         put(&mut c.kv(leader), "/n/before", "1")
             .await
             .expect("write with quorum");
-        let f = followers(&c, leader);
+        let f = c.followers(leader);
         let (survivor, other) = (f[0], f[1]);
         c.kill(leader);
         c.kill(other);
@@ -209,7 +206,7 @@ async fn sigterm_clean() {
         put(&mut c.kv(leader), "/t/a", "a").await.expect("put");
 
         // A follower first.
-        let follower = followers(&c, leader)[0];
+        let follower = c.followers(leader)[0];
         let st = c
             .terminate(follower, Duration::from_secs(10))
             .await

@@ -9,10 +9,6 @@ use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn followers(c: &Cluster, leader: u64) -> Vec<u64> {
-    c.ids().into_iter().filter(|&i| i != leader).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replication_and_forwarding() {
     let c = Cluster::start(3, ClusterOptions::default())
@@ -23,7 +19,7 @@ async fn replication_and_forwarding() {
         "replication_and_forwarding",
         async {
             let leader = c.wait_for_leader(WAIT).await.expect("a leader");
-            let f = followers(&c, leader);
+            let f = c.followers(leader);
             let (f1, f2) = (f[0], f[1]);
 
             // Write through a follower: forwarded to the leader.
@@ -117,7 +113,7 @@ async fn bad_input() {
         .expect("start 3 members");
     bounded(Duration::from_secs(90), "bad_input", async {
         let leader = c.wait_for_leader(WAIT).await.expect("a leader");
-        let via = followers(&c, leader)[0];
+        let via = c.followers(leader)[0];
         let mut kv = c.kv(via);
 
         put(&mut kv, "/data/x", "keep").await.expect("put /data/x");

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use lockd_e2e::lockctl::{run_with, Out, Run};
 use lockd_e2e::v1::Role;
-use lockd_e2e::{bounded, member_set, role_of, wait_for, Cluster, ClusterOptions};
+use lockd_e2e::{bounded, member_set, role_of, wait_for, Cluster};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -31,17 +31,9 @@ fn eps(c: &Cluster) -> String {
         .join(",")
 }
 
-async fn start() -> Cluster {
-    let c = Cluster::start(3, ClusterOptions::default())
-        .await
-        .expect("start 3 members");
-    c.wait_for_leader(WAIT).await.expect("a leader");
-    c
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_commands() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(120), "kv_commands", async {
         // put then get prints the value.
         let o = run(&c, &["put", "/a", "1"]).await;
@@ -140,7 +132,7 @@ async fn kv_commands() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn txn_from_stdin() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(90), "txn_from_stdin", async {
         let txn = |spec: &'static str| {
             let c = &c;
@@ -229,7 +221,7 @@ fn agreed_leader(rows: &[Value]) -> anyhow::Result<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_all_and_partial() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(90), "status_all_and_partial", async {
         let leader = c.wait_for_leader(WAIT).await.expect("leader");
         let o = run(&c, &["status", "-o", "json"]).await;
@@ -308,7 +300,7 @@ async fn status_all_and_partial() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_leadership_snapshot() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(
         Duration::from_secs(180),
         "membership_leadership_snapshot",
@@ -476,7 +468,7 @@ async fn endpoint_errors_exit_2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn env_endpoints_honoured() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(60), "env_endpoints_honoured", async {
         let env = |args: &'static [&'static str]| {
             let c = &c;
@@ -525,7 +517,7 @@ async fn env_endpoints_honoured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_dead_leader_endpoint() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(
         Duration::from_secs(90),
         "survives_dead_leader_endpoint",

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use lockd_e2e::lockctl::{run_on, Background, Out};
-use lockd_e2e::{bounded, get, wait_until, Cluster, ClusterOptions};
+use lockd_e2e::{bounded, get, wait_until, Cluster};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -18,14 +18,6 @@ async fn run(c: &Cluster, args: &[&str]) -> Out {
 /// A background lockctl against all members.
 fn background(c: &Cluster, args: &[&str]) -> Background {
     Background::spawn(&c.endpoints().join(","), args)
-}
-
-async fn start() -> Cluster {
-    let c = Cluster::start(3, ClusterOptions::default())
-        .await
-        .expect("start 3 members");
-    c.wait_for_leader(WAIT).await.expect("a leader");
-    c
 }
 
 /// True when `path` exists, read (linearizably) through member `id`.
@@ -47,7 +39,7 @@ async fn wait_gone(c: &Cluster, id: u64, path: &str, limit: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ephemeral_hold_lives_until_sigint() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(120), "ephemeral hold + SIGINT", async {
         let mut bg = background(
             &c,
@@ -96,7 +88,7 @@ async fn ephemeral_hold_lives_until_sigint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ephemeral_hold_killed_expires_after_ttl() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(
         Duration::from_secs(120),
         "ephemeral hold + kill -9",
@@ -118,7 +110,7 @@ async fn ephemeral_hold_killed_expires_after_ttl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_container_and_short_lived_ephemeral() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(120), "create kinds", async {
         // Sequential: the generated names, increasing.
         let a = run(&c, &["create", "--sequential", "--parents", "/q/job-", "1"]).await;
@@ -177,7 +169,7 @@ async fn sequential_container_and_short_lived_ephemeral() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_open_info_close() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(120), "session commands", async {
         // open prints "ID ttl=TTL" and holds the session until SIGINT.
         let mut bg = background(&c, &["session", "open", "--ttl", "5s"]);
@@ -231,7 +223,7 @@ async fn session_open_info_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_session_survives_losing_its_member() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(120), "session failover", async {
         // lockctl talks to member 1 first.
         let mut bg = background(
@@ -264,7 +256,7 @@ async fn held_session_survives_losing_its_member() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_id_dedups_sequential_creates() {
     use lockd_e2e::v1::{self, session_client::SessionClient};
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(60), "request id dedup", async {
         let create = |path: &str, session_id: u64, request_id: &str| v1::CreateRequest {
             path: path.into(),

@@ -14,10 +14,6 @@ use lockd_e2e::{
 const WAIT: Duration = Duration::from_secs(20);
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn followers(c: &Cluster, leader: u64) -> Vec<u64> {
-    c.ids().into_iter().filter(|&i| i != leader).collect()
-}
-
 /// (id, addr, voter), sorted by id.
 fn full_members(members: &[lockd_e2e::v1::Member]) -> Vec<(u64, String, bool)> {
     let mut v: Vec<_> = members
@@ -280,7 +276,7 @@ async fn transfer_leader() {
     bounded(Duration::from_secs(90), "transfer_leader", async {
         let leader = c.wait_for_leader(WAIT).await.expect("a leader");
         let term0 = c.status(leader).await.expect("status").term;
-        let target = followers(&c, leader)[0];
+        let target = c.followers(leader)[0];
         c.wait_caught_up(target, WAIT)
             .await
             .expect("target caught up");
@@ -340,7 +336,7 @@ async fn wiped_member_refused() {
                 .await
                 .expect("put");
         }
-        let f = followers(&c, leader);
+        let f = c.followers(leader);
         let (victim, other) = (f[0], f[1]);
         c.wait_caught_up(victim, WAIT)
             .await

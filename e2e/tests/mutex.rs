@@ -2,34 +2,22 @@
 //! clusters: mutual exclusion, fencing tokens, holders killed or paused past
 //! their TTL, and one release waking one waiter.
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lockd_client::proto;
 use lockd_client::recipes::{holds_lock_compare, Mutex, MutexGuard};
 use lockd_client::{Client, Error};
-use lockd_e2e::{bounded, lockctl_bin, wait_until, Cluster, ClusterOptions};
+use lockd_e2e::{bounded, lockctl_bin, lockctl_command, signal, wait_until, Cluster};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn start() -> Cluster {
-    let c = Cluster::start(3, ClusterOptions::default())
-        .await
-        .expect("start 3 members");
-    c.wait_for_leader(WAIT).await.expect("a leader");
-    c
-}
-
 /// A client whose first endpoint is member `i % 3 + 1` (spreads load).
 fn client_for(c: &Cluster, i: usize) -> Client {
-    let mut eps = c.endpoints();
-    let n = eps.len();
-    eps.rotate_left(i % n);
-    Client::connect(eps).expect("client")
+    Client::connect(c.endpoints_from(i)).expect("client")
 }
 
 async fn read_u64(client: &Client, path: &str) -> u64 {
@@ -57,7 +45,7 @@ fn put_op(path: &str, data: &str) -> proto::Op {
 async fn mutual_exclusion_and_increasing_tokens() {
     const TASKS: usize = 16;
     const ROUNDS: u64 = 20;
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(240), "16 contenders", async {
         let tokens = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
@@ -116,14 +104,8 @@ struct Holder {
 
 impl Holder {
     async fn spawn(c: &Cluster, name: &str, ttl: &str) -> Holder {
-        let mut child = Command::new(lockctl_bin())
-            .env_remove("LOCKD_ENDPOINTS")
-            .arg(format!("--endpoints={}", c.endpoints().join(",")))
+        let mut child = lockctl_command(&c.endpoints().join(","))
             .args(["-o", "json", "lock", name, "--ttl", ttl])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .expect("spawn lockctl");
         let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
@@ -141,9 +123,7 @@ impl Holder {
     }
 
     fn signal(&self, sig: i32) {
-        let pid = self.child.id().expect("running") as i32;
-        // SAFETY: plain kill(2) on our own child.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+        signal(self.child.id().expect("running"), sig);
     }
 }
 
@@ -167,7 +147,7 @@ fn waiter(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_holder_releases_within_ttl() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(120), "holder kill -9", async {
         let holder = Holder::spawn(&c, "/locks/b", "2s").await;
         let w = waiter(client_for(&c, 1), "/locks/b");
@@ -187,7 +167,7 @@ async fn killed_holder_releases_within_ttl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_holder_is_fenced() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(120), "holder SIGSTOP", async {
         let mut holder = Holder::spawn(&c, "/locks/c", "2s").await;
         let client = client_for(&c, 2);
@@ -243,7 +223,7 @@ async fn paused_holder_is_fenced() {
 async fn lockctl_lock_runs_commands_exclusively() {
     const PROCS: usize = 8;
     const ROUNDS: usize = 10;
-    let c = start().await;
+    let c = Cluster::start_three().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("count");
     let tokens = dir.path().join("tokens");
@@ -256,8 +236,7 @@ async fn lockctl_lock_runs_commands_exclusively() {
         );
         let mut procs = Vec::new();
         for i in 0..PROCS {
-            let mut eps = c.endpoints();
-            eps.rotate_left(i % 3);
+            let eps = c.endpoints_from(i);
             procs.push(
                 Command::new("sh")
                     .args(["-c", &script])
@@ -295,7 +274,7 @@ async fn lockctl_lock_runs_commands_exclusively() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_release_wakes_one_waiter() {
     const WAITERS: usize = 5;
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(120), "no herd", async {
         let client = client_for(&c, 0);
         let hs = client.open_session(Duration::from_secs(10)).await.unwrap();
@@ -362,14 +341,8 @@ async fn one_release_wakes_one_waiter() {
 }
 
 async fn lockctl_output(c: &Cluster, args: &[&str]) -> (i32, String, String) {
-    let child = Command::new(lockctl_bin())
-        .env_remove("LOCKD_ENDPOINTS")
-        .arg(format!("--endpoints={}", c.endpoints().join(",")))
+    let child = lockctl_command(&c.endpoints().join(","))
         .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn lockctl");
     let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
@@ -385,7 +358,7 @@ async fn lockctl_output(c: &Cluster, args: &[&str]) -> (i32, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lockctl_lock_timeout_exit_codes_and_loss() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(120), "lockctl lock edges", async {
         let client = client_for(&c, 0);
         // CMD's exit code is passed through, with the env set.
@@ -433,9 +406,7 @@ async fn lockctl_lock_timeout_exit_codes_and_loss() {
         let run = tokio::spawn({
             let eps = c.endpoints().join(",");
             async move {
-                let out = Command::new(lockctl_bin())
-                    .env_remove("LOCKD_ENDPOINTS")
-                    .arg(format!("--endpoints={eps}"))
+                let out = lockctl_command(&eps)
                     .args([
                         "lock",
                         "/locks/f",
@@ -445,9 +416,6 @@ async fn lockctl_lock_timeout_exit_codes_and_loss() {
                         "sleep",
                         "60",
                     ])
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .kill_on_drop(true)
                     .output()
                     .await
                     .expect("run lockctl");

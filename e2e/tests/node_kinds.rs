@@ -17,10 +17,6 @@ use tonic::{Code, Status};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn followers(c: &Cluster, leader: u64) -> Vec<u64> {
-    c.ids().into_iter().filter(|&i| i != leader).collect()
-}
-
 /// Opens a session (long TTL: these tests end well within it).
 async fn open(c: &Cluster, via: u64) -> u64 {
     c.session(via)
@@ -198,7 +194,7 @@ async fn containers_go_with_their_last_child() {
         .expect("start 3 members");
     bounded(Duration::from_secs(90), "containers", async {
         let leader = c.wait_for_leader(WAIT).await.expect("a leader");
-        let mut kv = c.kv(followers(&c, leader)[0]);
+        let mut kv = c.kv(c.followers(leader)[0]);
         let sid = open(&c, leader).await;
         for p in ["/ctr", "/never", "/ctr2"] {
             let mut r = req(p);
@@ -266,7 +262,7 @@ async fn no_children_under_an_ephemeral() {
         async {
             let leader = c.wait_for_leader(WAIT).await.expect("a leader");
             let sid = open(&c, leader).await;
-            let mut kv = c.kv(followers(&c, leader)[0]);
+            let mut kv = c.kv(c.followers(leader)[0]);
             let mut r = req("/eph");
             r.session_id = sid;
             create(&mut kv, r).await.expect("create ephemeral");
@@ -328,7 +324,7 @@ async fn retried_request_ids_apply_once() {
         .expect("start 3 members");
     bounded(Duration::from_secs(90), "request_id_dedup", async {
         let leader = c.wait_for_leader(WAIT).await.expect("a leader");
-        let f = followers(&c, leader);
+        let f = c.followers(leader);
         let sid = open(&c, leader).await;
         put(&mut c.kv(leader), "/r", "").await.expect("put /r");
 
@@ -417,7 +413,7 @@ async fn ephemeral_sequential_in_txn_returns_name() {
     bounded(Duration::from_secs(90), "ephemeral_sequential_txn", async {
         let leader = c.wait_for_leader(WAIT).await.expect("a leader");
         let sid = open(&c, leader).await;
-        let mut kv = c.kv(followers(&c, leader)[0]);
+        let mut kv = c.kv(c.followers(leader)[0]);
         let lock = |parents: bool| {
             let mut r = req("/tx/lock-");
             r.sequential = true;

@@ -8,14 +8,6 @@ use lockd_e2e::{bounded, get, put, Cluster, ClusterOptions};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn signal(c: &Cluster, id: u64, sig: i32) {
-    let pid = c.pid(id).expect("member is running");
-    let pid = i32::try_from(pid).expect("pid fits in pid_t");
-    // SAFETY: sending a signal to a child process we started.
-    let rc = unsafe { libc::kill(pid, sig) };
-    assert_eq!(rc, 0, "kill({pid}, {sig})");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn returning_member_does_not_depose_the_leader() {
     let opts = ClusterOptions::default();
@@ -33,14 +25,14 @@ async fn returning_member_does_not_depose_the_leader() {
         // Freeze the follower: it hears nothing and its election timer runs
         // out. The pause is the length of the simulated partition (several
         // election timeouts), not a wait for an event.
-        signal(&c, cut, libc::SIGSTOP);
+        c.signal(cut, libc::SIGSTOP);
         for i in 0..10 {
             put(&mut c.kv(leader), &format!("/p/{i}"), "during")
                 .await
                 .expect("the majority keeps serving writes");
         }
         tokio::time::sleep(election * 4).await;
-        signal(&c, cut, libc::SIGCONT);
+        c.signal(cut, libc::SIGCONT);
 
         // It catches up under the same leader...
         c.wait_caught_up(cut, WAIT)

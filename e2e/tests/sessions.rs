@@ -34,10 +34,6 @@ const WAIT: Duration = Duration::from_secs(20);
 // Helpers
 // ---------------------------------------------------------------------------
 
-fn followers(c: &Cluster, leader: u64) -> Vec<u64> {
-    c.ids().into_iter().filter(|&i| i != leader).collect()
-}
-
 /// Opens a session through member `via`; returns (id, granted TTL in ms).
 async fn open(c: &Cluster, via: u64, ttl_ms: u64) -> (u64, u64) {
     let r = c
@@ -314,7 +310,7 @@ async fn close_deletes_ephemerals_at_one_revision() {
                 assert_eq!(n.ephemeral_owner, sid, "{p} via {id}");
             }
         }
-        let i = info(&c, followers(&c, leader)[0], sid)
+        let i = info(&c, c.followers(leader)[0], sid)
             .await
             .expect("session info");
         assert_eq!(i.ephemerals, vec!["/close/a", "/close/b"]);
@@ -330,7 +326,7 @@ async fn close_deletes_ephemerals_at_one_revision() {
         assert_eq!(before.children.len(), 2, "{before:?}");
         let rev_before = revision(&before.header);
 
-        let (deleted, rev_close) = close(&c, followers(&c, leader)[1], sid).await;
+        let (deleted, rev_close) = close(&c, c.followers(leader)[1], sid).await;
         assert_eq!(deleted, 2, "close deletes both ephemerals");
         assert_eq!(
             rev_close,
@@ -394,7 +390,7 @@ async fn ephemeral_deleted_on_expiry() {
             let stopped = Instant::now();
             // Promised: gone within TTL + one keepalive interval + slack.
             let bound = Duration::from_millis(ttl) + Duration::from_secs(3);
-            let follower = followers(&c, leader)[0];
+            let follower = c.followers(leader)[0];
             let kv = c.kv(follower);
             let left = (stopped + bound).saturating_duration_since(Instant::now());
             wait_until(left, "the ephemeral of the silent session to go", || {
@@ -435,7 +431,7 @@ async fn live_session_survives_leader_kill() {
             let (sid, ttl) = open(&c, leader, 3_000).await;
             // The leader first, so the kill breaks the stream in use.
             let mut eps = vec![c.endpoint(leader)];
-            eps.extend(followers(&c, leader).into_iter().map(|id| c.endpoint(id)));
+            eps.extend(c.followers(leader).into_iter().map(|id| c.endpoint(id)));
             let ka = KeepAlive::start(eps, sid, ttl);
             create_ephemeral(&mut c.kv(leader), "/ha/e", sid).await;
             ka.wait_oks(2, WAIT).await;
@@ -485,7 +481,7 @@ async fn session_through_a_follower() {
         "session_through_a_follower",
         async {
             let leader = c.wait_for_leader(WAIT).await.expect("a leader");
-            let f = followers(&c, leader)[0];
+            let f = c.followers(leader)[0];
             let r = c
                 .session(f)
                 .open(OpenSessionRequest { ttl_ms: 2_000 })
@@ -693,7 +689,7 @@ async fn sessions_survive_full_restart() {
                 .expect("get")
                 .expect("ephemeral survives a full restart");
             assert_eq!(node.ephemeral_owner, sid);
-            let i = info(&c, followers(&c, leader)[0], sid)
+            let i = info(&c, c.followers(leader)[0], sid)
                 .await
                 .expect("info after restart");
             assert_eq!(i.ttl_ms, ttl);

@@ -560,9 +560,7 @@ async fn wait_caught_up_starts_after_everything_committed() {
             .into_iter()
             .find(|&i| i != leader)
             .expect("follower");
-        let pid = i32::try_from(c.pid(lagging).expect("running")).expect("pid");
-        // SAFETY: signalling a child process we started.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        c.signal(lagging, libc::SIGSTOP);
         let mut last = 0;
         for i in 0..50 {
             let r = put(&mut c.kv(leader), &format!("/cu/{i}"), "x")
@@ -570,8 +568,7 @@ async fn wait_caught_up_starts_after_everything_committed() {
                 .expect("majority writes");
             last = revision(&r.header);
         }
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        c.signal(lagging, libc::SIGCONT);
         let (tx, mut stream) = raw_watch(&c.endpoint(lagging), None).await;
         tx.send(v1::WatchRequest {
             request: Some(v1::watch_request::Request::Create(v1::WatchCreate {
