@@ -31,11 +31,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let election = LeaderElection::new(
         client.clone(),
         name,
-        ElectionConfig {
-            identity: identity.clone(),
-            lease_ttl: Duration::from_secs(10),
-        },
-    );
+        ElectionConfig::new(identity.clone(), Duration::from_secs(10)),
+    )?;
     let mut campaign = election.campaign();
     let state = campaign.session_state();
     // The current term: (node path, fencing token).

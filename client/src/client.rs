@@ -20,6 +20,21 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const ADD_LEARNER_WAIT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Tuning knobs for a [`Client`].
+///
+/// ```no_run
+/// # fn demo() -> Result<(), lockd_client::Error> {
+/// use std::time::Duration;
+/// use lockd_client::{Client, ClientOptions};
+///
+/// let opts = ClientOptions {
+///     request_timeout: Duration::from_secs(2),
+///     ..ClientOptions::default()
+/// };
+/// let client = Client::connect_with(["127.0.0.1:7001", "127.0.0.1:7002"], opts)?;
+/// assert_eq!(client.options().request_timeout, Duration::from_secs(2));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
     /// Timeout of a single attempt of a request (default 10s). A write that
@@ -60,6 +75,24 @@ struct Inner {
 /// `UNAVAILABLE`); other transport failures and timeouts of writes surface as
 /// [`Error::Ambiguous`]. Retrying stops when [`ClientOptions::retry_budget`]
 /// is spent.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), lockd_client::Error> {
+/// use lockd_client::{Client, Error};
+///
+/// let client = Client::connect(["10.0.0.1:7001", "10.0.0.2:7001", "10.0.0.3:7001"])?;
+/// match client.create("/jobs/42", "queued").await {
+///     Ok(r) => println!("created: {:?}", r.node.map(|n| n.create_revision)),
+///     Err(Error::AlreadyExists(_)) => println!("already queued"),
+///     // The write may or may not have been applied: read it back.
+///     Err(Error::Ambiguous(_)) => println!("now: {:?}", client.get("/jobs/42").await?.node),
+///     Err(e) => return Err(e),
+/// }
+/// let jobs = client.list("/jobs").await?.children;
+/// println!("{} jobs", jobs.len());
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -401,6 +434,21 @@ impl Client {
 ///
 /// Membership changes are writes (retried only when provably not applied).
 /// Members forward them to the leader.
+///
+/// ```no_run
+/// # async fn demo(client: lockd_client::Client) -> Result<(), lockd_client::Error> {
+/// let cluster = client.cluster();
+/// let status = cluster.status().await?;
+/// println!("leader {} in term {}", status.leader_id, status.term);
+/// for m in &status.members {
+///     println!("member {m:?}");
+/// }
+/// // One member in particular, without failover.
+/// let two = cluster.status_of("127.0.0.1:7002").await?;
+/// println!("member {} applied up to {}", two.id, two.applied_index);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct Cluster {
     client: Client,

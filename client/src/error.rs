@@ -7,6 +7,32 @@ use tonic::{Code, Status};
 /// Server-side failures keep the server's message. Use the `is_*` helpers or
 /// match on the variants (the enum is `#[non_exhaustive]`, so keep a
 /// catch-all arm).
+///
+/// ```
+/// use lockd_client::Error;
+///
+/// let e = Error::NotFound("/jobs/42: not found".into());
+/// assert!(e.is_not_found());
+/// assert_eq!(e.message(), "/jobs/42: not found");
+/// assert_eq!(e.to_string(), "not found: /jobs/42: not found");
+/// ```
+///
+/// ```no_run
+/// # async fn demo(client: lockd_client::Client) -> Result<(), lockd_client::Error> {
+/// use lockd_client::Error;
+///
+/// match client.delete("/jobs/42").await {
+///     Ok(_) => {}
+///     Err(e) if e.is_not_found() => {} // already gone
+///     Err(Error::Ambiguous(m)) => eprintln!("may or may not be deleted: {m}"),
+///     Err(e) => {
+///         eprintln!("{e} (gRPC code {:?})", e.code());
+///         return Err(e);
+///     }
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

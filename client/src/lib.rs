@@ -32,4 +32,10 @@ pub use session::{new_request_id, Session, SessionState};
 pub use watch::{WatchEvent, WatchEventKind, WatchOptions, WatchScope, Watcher};
 
 /// Convenience alias for results of this crate.
+///
+/// ```no_run
+/// async fn config(client: &lockd_client::Client) -> lockd_client::Result<Vec<u8>> {
+///     Ok(client.get("/config").await?.node.map(|n| n.data).unwrap_or_default())
+/// }
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -20,6 +20,24 @@ use crate::error::Error;
 use crate::retry::{describe, Backoff, Kind};
 
 /// How a [`Session`] looks from the client.
+///
+/// ```no_run
+/// # async fn demo(session: lockd_client::Session) {
+/// use lockd_client::SessionState;
+///
+/// let mut state = session.state();
+/// loop {
+///     match *state.borrow_and_update() {
+///         SessionState::Connected => println!("working"),
+///         SessionState::Suspended => println!("keepalives failing: pausing work"),
+///         SessionState::Lost => break,
+///     }
+///     if state.changed().await.is_err() {
+///         break;
+///     }
+/// }
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SessionState {
     /// The last keepalive was acknowledged.
@@ -78,6 +96,7 @@ pub struct Session {
     client: Client,
     state: watch::Receiver<SessionState>,
     lost_reason: Arc<Mutex<Option<String>>>,
+    renewed: Arc<Mutex<Instant>>,
     /// Sending stops the task quietly; dropping it makes the task close the
     /// session on the server.
     stop: Option<oneshot::Sender<()>>,
@@ -118,17 +137,7 @@ impl Session {
 
     /// Waits until the session is [`SessionState::Lost`] and returns why.
     pub async fn lost(&self) -> String {
-        let mut rx = self.state.clone();
-        loop {
-            if *rx.borrow_and_update() == SessionState::Lost {
-                break;
-            }
-            if rx.changed().await.is_err() {
-                break;
-            }
-        }
-        self.lost_reason()
-            .unwrap_or_else(|| format!("session {}: keepalive task ended", self.id))
+        self.handle().lost().await
     }
 
     /// A cheap, owned view of this session for recipes (id, state, reason).
@@ -137,6 +146,7 @@ impl Session {
             id: self.id,
             state: self.state.clone(),
             lost_reason: self.lost_reason.clone(),
+            renewed: self.renewed.clone(),
         }
     }
 
@@ -185,6 +195,7 @@ pub(crate) struct SessionHandle {
     pub(crate) id: u64,
     pub(crate) state: watch::Receiver<SessionState>,
     lost_reason: Arc<Mutex<Option<String>>>,
+    renewed: Arc<Mutex<Instant>>,
 }
 
 impl SessionHandle {
@@ -200,6 +211,13 @@ impl SessionHandle {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .unwrap_or_else(|| format!("session {}: keepalive task ended", self.id))
+    }
+
+    /// When the session was last renewed for certain: the *sending* time of
+    /// the last acknowledged keepalive (or of the open). The lease runs at
+    /// least until this instant plus the TTL.
+    pub(crate) fn renewed_at(&self) -> Instant {
+        *self.renewed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Waits until the session is lost; returns why.
@@ -237,6 +255,12 @@ fn status_is_expired(s: &Status) -> bool {
 
 /// A new random request id: 16 hex characters. See
 /// [`Client::create_protected`].
+///
+/// ```
+/// let id = lockd_client::new_request_id();
+/// assert_eq!(id.len(), 16);
+/// assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+/// ```
 pub fn new_request_id() -> String {
     let mut b = [0u8; 8];
     if getrandom::fill(&mut b).is_err() {
@@ -266,6 +290,19 @@ impl Client {
     ///
     /// Must be called within a Tokio runtime, which runs the keepalive task.
     pub async fn open_session(&self, ttl: Duration) -> Result<Session, Error> {
+        self.open_session_every(ttl, None).await
+    }
+
+    /// [`Client::open_session`], sending keepalives every `keepalive` (at
+    /// most every TTL/3, the default, whatever is asked) rather than every
+    /// TTL/3. A shorter cadence notices a failing keepalive stream sooner
+    /// and keeps [`SessionHandle::renewed_at`] more recent; the stream is
+    /// still only given up after TTL/3 without an answer.
+    pub(crate) async fn open_session_every(
+        &self,
+        ttl: Duration,
+        keepalive: Option<Duration>,
+    ) -> Result<Session, Error> {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         // The server starts the session clock when it applies the open,
         // after this instant: a deadline counted from here is conservative.
@@ -277,6 +314,10 @@ impl Client {
             })
             .await?;
         let ttl = Duration::from_millis(r.ttl_ms.max(1));
+        let interval = keepalive.map_or(interval_for(ttl), |k| {
+            k.max(MIN_INTERVAL).min(interval_for(ttl))
+        });
+        let renewed = Arc::new(Mutex::new(sent));
         let (state_tx, state_rx) = watch::channel(SessionState::Connected);
         let (stop_tx, stop_rx) = oneshot::channel();
         let lost_reason = Arc::new(Mutex::new(None));
@@ -284,7 +325,9 @@ impl Client {
             client: self.clone(),
             id: r.session_id,
             ttl,
+            interval,
             lease: Lease::new(sent, ttl),
+            renewed: renewed.clone(),
             state: state_tx,
             lost_reason: lost_reason.clone(),
         };
@@ -295,6 +338,7 @@ impl Client {
             client: self.clone(),
             state: state_rx,
             lost_reason,
+            renewed,
             stop: Some(stop_tx),
             task: Some(task),
         })
@@ -454,9 +498,12 @@ impl Lease {
     }
 }
 
-/// Keepalive period for a TTL.
+/// The shortest keepalive period.
+const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Default keepalive period for a TTL.
 fn interval_for(ttl: Duration) -> Duration {
-    (ttl / 3).max(Duration::from_millis(10))
+    (ttl / 3).max(MIN_INTERVAL)
 }
 
 /// How long a keepalive may stay unanswered before the stream is given up.
@@ -488,7 +535,11 @@ struct Keeper {
     client: Client,
     id: u64,
     ttl: Duration,
+    /// Time between keepalives.
+    interval: Duration,
     lease: Lease,
+    /// Shared with [`SessionHandle::renewed_at`].
+    renewed: Arc<Mutex<Instant>>,
     state: watch::Sender<SessionState>,
     lost_reason: Arc<Mutex<Option<String>>>,
 }
@@ -579,7 +630,7 @@ impl Keeper {
     async fn stream(&mut self, idx: usize, stop: &mut oneshot::Receiver<()>) -> Step {
         let (name, ch) = self.client.channel_at(idx);
         let name = name.to_string();
-        let interval = interval_for(self.ttl);
+        let interval = self.interval;
         let stall = stall_limit(self.ttl, self.client.timeout());
         let (tx, rx) = mpsc::channel(8);
         let req = proto::KeepAliveRequest {
@@ -625,6 +676,10 @@ impl Keeper {
                                 self.ttl
                             };
                             self.lease.ack(sent, ttl);
+                            {
+                                let mut r = self.renewed.lock().unwrap_or_else(|p| p.into_inner());
+                                *r = (*r).max(sent);
+                            }
                             acked = true;
                             self.set(SessionState::Connected);
                         }

@@ -16,6 +16,14 @@ use crate::error::Error;
 use crate::retry::{describe, Backoff};
 
 /// What a watch matches.
+///
+/// ```
+/// use lockd_client::{WatchOptions, WatchScope};
+///
+/// assert_eq!(WatchOptions::key("/a").scope, WatchScope::Key); // only /a
+/// assert_eq!(WatchOptions::subtree("/a").scope, WatchScope::Subtree); // /a, /a/b
+/// assert_eq!(WatchOptions::prefix("/a").scope, WatchScope::Prefix); // /a, /ab, /a/b
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum WatchScope {
     /// Only the node at the path.
@@ -28,6 +36,23 @@ pub enum WatchScope {
 }
 
 /// What to watch and from where; see [`Client::watch`].
+///
+/// ```no_run
+/// # async fn demo(client: lockd_client::Client) -> Result<(), lockd_client::Error> {
+/// use lockd_client::WatchOptions;
+///
+/// // Read, then follow every later change, with no gap in between.
+/// let got = client.get("/config").await?;
+/// let rev = got.header.map_or(0, |h| h.revision);
+/// let mut w = client.watch(WatchOptions {
+///     no_delete: true,
+///     ..WatchOptions::subtree("/config").from_revision(rev + 1).with_prev()
+/// });
+/// let ev = w.next().await?;
+/// println!("{} changed at {}", ev.node.path, ev.revision);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, Default)]
 pub struct WatchOptions {
     /// The key, subtree root or prefix.
@@ -88,6 +113,17 @@ impl WatchOptions {
 }
 
 /// Put or delete.
+///
+/// ```no_run
+/// # async fn demo(mut w: lockd_client::Watcher) -> Result<(), lockd_client::Error> {
+/// use lockd_client::WatchEventKind;
+///
+/// if w.next().await?.kind == WatchEventKind::Delete {
+///     println!("deleted");
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WatchEventKind {
     /// Created or changed.
@@ -97,6 +133,18 @@ pub enum WatchEventKind {
 }
 
 /// One change.
+///
+/// ```no_run
+/// # async fn demo(mut w: lockd_client::Watcher) -> Result<(), lockd_client::Error> {
+/// let ev = w.next().await?;
+/// let before = ev.prev_node.as_ref().map(|n| n.data.clone());
+/// println!(
+///     "{:?} {} at revision {}: {before:?} -> {:?}",
+///     ev.kind, ev.node.path, ev.revision, ev.node.data
+/// );
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct WatchEvent {
     /// Put or delete.
@@ -126,6 +174,21 @@ struct Open {
 /// repeated. It gives up with [`Error::Unavailable`] after
 /// [`ClientOptions::retry_budget`](crate::ClientOptions::retry_budget)
 /// without any member accepting the watch.
+///
+/// ```no_run
+/// # async fn demo(client: lockd_client::Client) -> Result<(), lockd_client::Error> {
+/// use lockd_client::{WatchEventKind, WatchOptions};
+///
+/// let mut w = client.watch(WatchOptions::prefix("/workers/"));
+/// loop {
+///     let ev = w.next().await?;
+///     match ev.kind {
+///         WatchEventKind::Put => println!("{} up (revision {})", ev.node.path, ev.revision),
+///         WatchEventKind::Delete => println!("{} gone", ev.node.path),
+///     }
+/// }
+/// # }
+/// ```
 pub struct Watcher {
     client: Client,
     opts: WatchOptions,

@@ -9,27 +9,16 @@ use std::time::{Duration, Instant};
 
 use lockd_client::recipes::{observe, ElectionConfig, ElectionEvent, LeaderElection};
 use lockd_client::Client;
-use lockd_e2e::{bounded, lockctl_bin, Cluster, ClusterOptions, POLL_INTERVAL};
+use lockd_e2e::{bounded, lockctl_command, signal, Cluster, POLL_INTERVAL};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn start() -> Cluster {
-    let c = Cluster::start(3, ClusterOptions::default())
-        .await
-        .expect("start 3 members");
-    c.wait_for_leader(WAIT).await.expect("a leader");
-    c
-}
-
 fn client_for(c: &Cluster, i: usize) -> Client {
-    let mut eps = c.endpoints();
-    let n = eps.len();
-    eps.rotate_left(i % n);
-    Client::connect(eps).expect("client")
+    Client::connect(c.endpoints_from(i)).expect("client")
 }
 
 /// Polls `f` until it returns `Some`; `Err` after `timeout`.
@@ -62,11 +51,9 @@ fn candidate(c: &Cluster, i: usize, name: &str, log: &Log) -> Candidate {
     let election = LeaderElection::new(
         client_for(c, i),
         name,
-        ElectionConfig {
-            identity: format!("cand-{i}"),
-            lease_ttl: Duration::from_secs(5),
-        },
-    );
+        ElectionConfig::new(format!("cand-{i}"), Duration::from_secs(5)),
+    )
+    .expect("valid election config");
     let (tx, mut rx) = mpsc::unbounded_channel();
     let log = log.clone();
     let task = tokio::spawn(async move {
@@ -109,7 +96,7 @@ fn leaders(log: &Log) -> Vec<(usize, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_leader_and_observers_agree() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(120), "3 candidates", async {
         let log: Log = Arc::default();
         let cands: Vec<Candidate> = (0..3).map(|i| candidate(&c, i, "/e/a", &log)).collect();
@@ -170,7 +157,7 @@ async fn one_leader_and_observers_agree() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn resign_hands_over_at_once() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(120), "resignations", async {
         let log: Log = Arc::default();
         let cands: Vec<Candidate> = (0..3).map(|i| candidate(&c, i, "/e/b", &log)).collect();
@@ -224,9 +211,7 @@ struct Proc {
 type PLog = Arc<StdMutex<Vec<(Instant, usize, Value)>>>;
 
 fn spawn_proc(c: &Cluster, name: &str, idx: usize, ttl: &str, log: &PLog) -> Proc {
-    let mut child = Command::new(lockctl_bin())
-        .env_remove("LOCKD_ENDPOINTS")
-        .arg(format!("--endpoints={}", c.endpoints().join(",")))
+    let mut child = lockctl_command(&c.endpoints().join(","))
         .args([
             "-o",
             "json",
@@ -236,10 +221,7 @@ fn spawn_proc(c: &Cluster, name: &str, idx: usize, ttl: &str, log: &PLog) -> Pro
             "--ttl",
             ttl,
         ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn lockctl");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
@@ -273,15 +255,15 @@ fn proc_leader(log: &PLog, dead: &[usize]) -> Vec<(usize, u64, Instant)> {
         .collect()
 }
 
-fn signal(p: &Proc, sig: i32) {
-    let pid = p.child.id().expect("running") as i32;
-    // SAFETY: plain kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+impl Proc {
+    fn signal(&self, sig: i32) {
+        signal(self.child.id().expect("running"), sig);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_leader_is_replaced_within_ttl() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(120), "leader kill -9", async {
         let log: PLog = Arc::default();
         let mut procs: Vec<Proc> = (0..3)
@@ -294,7 +276,7 @@ async fn killed_leader_is_replaced_within_ttl() {
         .await
         .expect("a leader");
         let p = procs.iter_mut().find(|p| p.idx == leader).unwrap();
-        signal(p, libc::SIGKILL);
+        p.signal(libc::SIGKILL);
         let killed = Instant::now();
         let _ = p.child.wait().await;
         let (next, next_token, at) = wait_some(Duration::from_secs(2 + 3), "a new leader", || {
@@ -317,7 +299,7 @@ async fn killed_leader_is_replaced_within_ttl() {
 /// never overlap. A killed process's term ends when it is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn terms_never_overlap_across_kills() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(180), "kills and interrupts", async {
         let log: PLog = Arc::default();
         let mut procs: Vec<Proc> = (0..3)
@@ -342,7 +324,7 @@ async fn terms_never_overlap_across_kills() {
             let mut p = procs.remove(pos);
             if round == 2 {
                 // Ctrl-C: resigns, prints the end of its term, exits 0.
-                signal(&p, libc::SIGINT);
+                p.signal(libc::SIGINT);
                 let st = tokio::time::timeout(WAIT, p.child.wait())
                     .await
                     .expect("exits")
@@ -350,7 +332,7 @@ async fn terms_never_overlap_across_kills() {
                 assert!(st.success(), "lockctl elect exit on SIGINT: {st:?}");
             } else {
                 ended.push((p.idx, Instant::now()));
-                signal(&p, libc::SIGKILL);
+                p.signal(libc::SIGKILL);
                 let _ = p.child.wait().await;
             }
             procs.push(spawn_proc(&c, "/e/d", 3 + round, "2s", &log));
@@ -364,7 +346,7 @@ async fn terms_never_overlap_across_kills() {
         .await
         .expect("a last leader");
         for p in &procs {
-            signal(p, libc::SIGINT);
+            p.signal(libc::SIGINT);
         }
         for p in &mut procs {
             let _ = tokio::time::timeout(WAIT, p.child.wait()).await;
@@ -413,16 +395,11 @@ async fn terms_never_overlap_across_kills() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn observe_prints_changes() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(120), "lockctl elect --observe", async {
-        let mut obs = Command::new(lockctl_bin())
-            .env_remove("LOCKD_ENDPOINTS")
-            .arg(format!("--endpoints={}", c.endpoints().join(",")))
+        let mut obs = lockctl_command(&c.endpoints().join(","))
             .args(["elect", "/e/e", "--observe"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
             .stderr(Stdio::null())
-            .kill_on_drop(true)
             .spawn()
             .expect("spawn observer");
         let mut lines = BufReader::new(obs.stdout.take().unwrap()).lines();
@@ -459,7 +436,7 @@ async fn observe_prints_changes() {
         drop(b.resign);
         b.task.await.unwrap();
         assert_eq!(next!(), "no leader");
-        signal_child(&obs, libc::SIGINT);
+        signal(obs.id().expect("running"), libc::SIGINT);
         let st = tokio::time::timeout(WAIT, obs.wait())
             .await
             .unwrap()
@@ -469,15 +446,9 @@ async fn observe_prints_changes() {
     .await;
 }
 
-fn signal_child(child: &Child, sig: i32) {
-    let pid = child.id().expect("running") as i32;
-    // SAFETY: plain kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn command_runs_only_while_leader() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(120), "lockctl elect -- CMD", async {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("token");
@@ -486,16 +457,11 @@ async fn command_runs_only_while_leader() {
              while :; do sleep 0.1; done",
             out.display()
         );
-        let mut p = Command::new(lockctl_bin())
-            .env_remove("LOCKD_ENDPOINTS")
-            .arg(format!("--endpoints={}", c.endpoints().join(",")))
+        let mut p = lockctl_command(&c.endpoints().join(","))
             .args([
                 "elect", "/e/f", "w1", "--ttl", "2s", "--", "sh", "-c", &script,
             ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
             .stderr(Stdio::null())
-            .kill_on_drop(true)
             .spawn()
             .expect("spawn lockctl");
         let mut lines = BufReader::new(p.stdout.take().unwrap()).lines();
@@ -521,7 +487,7 @@ async fn command_runs_only_while_leader() {
         .await
         .unwrap();
         assert_eq!(got.trim(), token.to_string());
-        signal_child(&p, libc::SIGINT);
+        signal(p.id().expect("running"), libc::SIGINT);
         let st = tokio::time::timeout(WAIT, p.wait()).await.unwrap().unwrap();
         assert!(st.success(), "{st:?}");
         let next = lines.next_line().await.unwrap();
@@ -536,6 +502,138 @@ async fn command_runs_only_while_leader() {
             .unwrap()
             .unwrap();
         assert_eq!(l, None);
+    })
+    .await;
+}
+
+/// `ElectionConfig::renew_deadline` (client-go's RenewDeadline): a leader
+/// cut off from every member (its keepalives fail while the cluster itself
+/// is fine) stops leading once the renew deadline has passed since its last
+/// renewal, while its session is still only Suspended, i.e. well before it
+/// is Lost. The queued candidate leads only once the server has expired the
+/// old session, so the terms do not overlap: the gap is about
+/// `lease_ttl - renew_deadline`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cut_off_leader_steps_down_at_the_renew_deadline_before_lost() {
+    use lockd_client::recipes::Campaign;
+    use lockd_client::SessionState;
+    use lockd_e2e::proxy::Proxy;
+
+    const TTL: Duration = Duration::from_secs(6);
+    const RENEW: Duration = Duration::from_secs(2);
+    const RETRY: Duration = Duration::from_millis(250);
+
+    /// The next StartedLeading or StoppedLeading (NewLeader skipped).
+    async fn next_term_event(c: &mut Campaign, limit: Duration) -> ElectionEvent {
+        tokio::time::timeout(limit, async {
+            loop {
+                match c.next().await.expect("campaign runs") {
+                    ElectionEvent::NewLeader { .. } => {}
+                    ev => return ev,
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no term event within {limit:?}"))
+    }
+
+    let c = Cluster::start_three().await;
+    bounded(Duration::from_secs(120), "renew deadline", async {
+        let config = |id: &str| {
+            ElectionConfig::new(id, TTL)
+                .with_renew_deadline(RENEW)
+                .with_retry_period(RETRY)
+        };
+        // A reaches the members only through proxies.
+        let mut proxies = Vec::new();
+        for id in c.ids() {
+            proxies.push(Proxy::start(&c.addr(id)).await.expect("proxy"));
+        }
+        let a_client = Client::connect(proxies.iter().map(|p| p.endpoint())).expect("client");
+        let a = LeaderElection::new(a_client, "/e/renew", config("a")).expect("config");
+        let mut ca = a.campaign();
+        let mut a_state = ca.session_state();
+        let ElectionEvent::StartedLeading {
+            fencing_token: token_a,
+            ..
+        } = next_term_event(&mut ca, WAIT).await
+        else {
+            panic!("a did not start leading first");
+        };
+        let lister = client_for(&c, 1);
+        let b = LeaderElection::new(client_for(&c, 2), "/e/renew", config("b")).expect("config");
+        let mut cb = b.campaign();
+        wait_some(WAIT, "b queued behind a", || {
+            let lister = lister.clone();
+            async move {
+                let l = lister.list("/e/renew").await.ok()?;
+                (l.children.len() == 2).then_some(())
+            }
+        })
+        .await
+        .expect("b queued");
+
+        for p in &proxies {
+            p.cut().await;
+        }
+        let cut_at = Instant::now();
+        let ev = next_term_event(&mut ca, TTL).await;
+        let stopped_at = Instant::now();
+        let state_then = *a_state.borrow_and_update();
+        let ElectionEvent::StoppedLeading { reason } = ev else {
+            panic!("expected StoppedLeading, got {ev:?}");
+        };
+        let after = stopped_at - cut_at;
+        eprintln!("a stepped down {after:?} after the cut: {reason}");
+        assert!(reason.contains("renew deadline passed"), "{reason}");
+        assert_eq!(state_then, SessionState::Suspended, "not yet Lost");
+        // The last renewal was at most a retry period (plus a round trip)
+        // before the cut; the deadline counts from it, not from the cut.
+        assert!(
+            after >= RENEW - RETRY - Duration::from_millis(500),
+            "stepped down too early: {after:?}"
+        );
+        assert!(after < TTL - Duration::from_secs(2), "too late: {after:?}");
+
+        // Lost comes only about TTL - RENEW later.
+        tokio::time::timeout(TTL, a_state.wait_for(|s| *s == SessionState::Lost))
+            .await
+            .expect("a's session lost within the TTL")
+            .expect("state");
+        let lost_after = stopped_at.elapsed();
+        eprintln!("a's session Lost {lost_after:?} after it stepped down");
+        assert!(
+            lost_after >= TTL - RENEW - Duration::from_secs(1),
+            "{lost_after:?}"
+        );
+
+        // b leads once the server expired a's session: after a stopped.
+        let ev = next_term_event(&mut cb, TTL + WAIT).await;
+        let b_started_at = Instant::now();
+        let ElectionEvent::StartedLeading {
+            fencing_token: token_b,
+            ..
+        } = ev
+        else {
+            panic!("expected b to start leading, got {ev:?}");
+        };
+        eprintln!(
+            "b started leading {:?} after a stepped down",
+            b_started_at - stopped_at
+        );
+        assert!(b_started_at > stopped_at);
+        assert!(token_b > token_a);
+
+        for p in &proxies {
+            p.heal();
+        }
+        let rest = cb.cancel().await;
+        assert!(
+            rest.iter()
+                .any(|e| matches!(e, ElectionEvent::StoppedLeading { .. })),
+            "{rest:?}"
+        );
+        ca.cancel().await;
     })
     .await;
 }

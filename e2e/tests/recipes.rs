@@ -7,25 +7,14 @@ use std::time::Duration;
 
 use lockd_client::recipes::{Barrier, DoubleBarrier, RwLock, RwLockMode, Semaphore};
 use lockd_client::{Client, Session};
-use lockd_e2e::{bounded, wait_until, Cluster, ClusterOptions};
+use lockd_e2e::{bounded, wait_until, Cluster};
 
 const WAIT: Duration = Duration::from_secs(20);
 const SHORT: Duration = Duration::from_millis(800);
 
-async fn start() -> Cluster {
-    let c = Cluster::start(3, ClusterOptions::default())
-        .await
-        .expect("start 3 members");
-    c.wait_for_leader(WAIT).await.expect("a leader");
-    c
-}
-
 /// A client whose first endpoint is member `i % 3 + 1` (spreads load).
 fn client_for(c: &Cluster, i: usize) -> Client {
-    let mut eps = c.endpoints();
-    let n = eps.len();
-    eps.rotate_left(i % n);
-    Client::connect(eps).expect("client")
+    Client::connect(c.endpoints_from(i)).expect("client")
 }
 
 async fn session(client: &Client) -> Session {
@@ -54,7 +43,7 @@ async fn count_children(client: &Client, dir: &str, prefix: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rwlock_readers_share() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(60), "readers share", async {
         let mut guards = Vec::new();
         let mut sessions = Vec::new();
@@ -82,7 +71,7 @@ async fn rwlock_readers_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rwlock_writer_excludes_readers_and_writers() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(60), "writer excludes", async {
         let clients: Vec<Client> = (0..3).map(|i| client_for(&c, i)).collect();
         let mut sessions = Vec::new();
@@ -125,7 +114,7 @@ async fn rwlock_writer_excludes_readers_and_writers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rwlock_queued_writer_is_not_starved_by_later_readers() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(60), "writer not starved", async {
         let dir = "/locks/rw-fair";
         let clients: Vec<Client> = (0..3).map(|i| client_for(&c, i)).collect();
@@ -182,7 +171,7 @@ async fn rwlock_queued_writer_is_not_starved_by_later_readers() {
 async fn semaphore_bounds_concurrent_holders() {
     const TASKS: usize = 10;
     const LEASES: usize = 3;
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(120), "semaphore", async {
         // (holders now, tasks finished), shared so holders can await each other.
         let (state, _) = tokio::sync::watch::channel((0usize, 0usize));
@@ -230,7 +219,7 @@ async fn semaphore_bounds_concurrent_holders() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn semaphore_timeout_and_session_release() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(60), "semaphore timeout", async {
         let a = client_for(&c, 0);
         let b = client_for(&c, 1);
@@ -254,7 +243,7 @@ async fn semaphore_timeout_and_session_release() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn barrier_blocks_until_removed() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(60), "barrier", async {
         let coord = Barrier::new(client_for(&c, 0), "/barriers/deploy");
         // Not set: waiting returns at once.
@@ -288,7 +277,7 @@ async fn barrier_blocks_until_removed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn double_barrier_enter_and_leave_together() {
     const N: usize = 4;
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(120), "double barrier", async {
         // Counted *before* calling enter / leave: when a call returns, all
         // members of the round must have made the same call.
@@ -333,7 +322,7 @@ async fn double_barrier_enter_and_leave_together() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn double_barrier_enter_times_out_short_of_members() {
-    let c = start().await;
+    let c = Cluster::start_three().await;
     bounded(Duration::from_secs(60), "double barrier timeout", async {
         let client = client_for(&c, 0);
         let s = session(&client).await;
@@ -345,6 +334,157 @@ async fn double_barrier_enter_times_out_short_of_members() {
         })
         .await
         .expect("cleanup");
+    })
+    .await;
+}
+
+/// Waits until one of `latches` holds leadership; returns its index.
+async fn first_leader(latches: &[lockd_client::recipes::LeaderLatch]) -> usize {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let waiters: Vec<_> = latches
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut leading = l.leadership();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if leading.wait_for(|l| *l).await.is_ok() {
+                    let _ = tx.send(i);
+                }
+            })
+        })
+        .collect();
+    let first = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("a leader")
+        .expect("waiters running");
+    waiters.iter().for_each(|w| w.abort());
+    first
+}
+
+/// `LeaderLatch` on a real cluster: of two started latches exactly one
+/// leads (the other is queued behind it and an observer agrees); closing
+/// the leader hands leadership over at once, with a higher fencing token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_latch_one_leader_and_close_hands_over() {
+    use lockd_client::recipes::{observe, LeaderLatch};
+
+    let c = Cluster::start_three().await;
+    bounded(Duration::from_secs(60), "leader latch", async {
+        let dir = "/elections/latch";
+        let latches: Vec<LeaderLatch> = (0..2)
+            .map(|i| {
+                LeaderLatch::new(
+                    client_for(&c, i),
+                    dir,
+                    format!("latch-{i}"),
+                    Duration::from_secs(5),
+                )
+                .expect("latch")
+            })
+            .collect();
+        for l in &latches {
+            assert!(!l.has_leadership(), "not started");
+            l.start().expect("start");
+        }
+        let leader = first_leader(&latches).await;
+        let other = 1 - leader;
+        let token = latches[leader].fencing_token().expect("leader's token");
+        let path = latches[leader].path().expect("leader's node");
+        assert!(path.starts_with("/elections/latch/candidate-"), "{path}");
+
+        // Exactly one leader: the other is queued behind it, and stays so.
+        let client = client_for(&c, 2);
+        wait_until(WAIT, "both candidates queued", || async {
+            count_children(&client, dir, "candidate-").await == 2
+        })
+        .await
+        .expect("two candidates");
+        assert!(
+            !latches[other]
+                .await_leadership_timeout(SHORT)
+                .await
+                .expect("await"),
+            "two latches lead at once"
+        );
+        assert!(latches[leader].has_leadership());
+        assert_eq!(latches[other].fencing_token(), None);
+        let seen = tokio::time::timeout(WAIT, observe(client.clone(), dir).next())
+            .await
+            .expect("observer answers")
+            .expect("stream")
+            .expect("a leader");
+        assert_eq!(seen.identity, format!("latch-{leader}"));
+        assert_eq!(seen.fencing_token, token);
+
+        // Closing the leader resigns: the other takes over at once.
+        let closed = std::time::Instant::now();
+        latches[leader].close().await;
+        assert!(!latches[leader].has_leadership());
+        assert_eq!(latches[leader].fencing_token(), None);
+        assert!(
+            latches[other]
+                .await_leadership_timeout(WAIT)
+                .await
+                .expect("await"),
+            "no handover"
+        );
+        eprintln!("handover {:?} after close", closed.elapsed());
+        let next = latches[other].fencing_token().expect("new token");
+        assert!(next > token, "tokens {token} then {next}");
+        assert!(
+            latches[leader].start().is_err(),
+            "a closed latch stays closed"
+        );
+        assert!(latches[leader].await_leadership().await.is_err());
+
+        latches[other].close().await;
+        wait_until(WAIT, "election empty", || async {
+            count_children(&client, dir, "candidate-").await == 0
+        })
+        .await
+        .expect("nodes deleted on close");
+    })
+    .await;
+}
+
+/// Dropping a leading `LeaderLatch` resigns too (in the background), and
+/// its `leadership()` receiver follows every change of the survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_latch_drop_resigns() {
+    use lockd_client::recipes::LeaderLatch;
+
+    let c = Cluster::start_three().await;
+    bounded(Duration::from_secs(60), "leader latch drop", async {
+        let mut latches: Vec<LeaderLatch> = (0..3)
+            .map(|i| {
+                LeaderLatch::new(
+                    client_for(&c, i),
+                    "/elections/latch-drop",
+                    format!("latch-{i}"),
+                    Duration::from_secs(5),
+                )
+                .expect("latch")
+            })
+            .collect();
+        for l in &latches {
+            l.start().expect("start");
+        }
+        let mut tokens = Vec::new();
+        while latches.len() > 1 {
+            let leader = first_leader(&latches).await;
+            assert_eq!(
+                latches.iter().filter(|l| l.has_leadership()).count(),
+                1,
+                "one leader"
+            );
+            tokens.push(latches[leader].fencing_token().expect("token"));
+            drop(latches.remove(leader));
+        }
+        let last = first_leader(&latches).await;
+        tokens.push(latches[last].fencing_token().expect("token"));
+        assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+        latches[last].close().await;
     })
     .await;
 }

@@ -18,6 +18,8 @@ pub use election::{
     observe, Campaign, ElectionConfig, ElectionEvent, Leader, LeaderElection, LeaderObserver,
     CANDIDATE_PREFIX,
 };
+mod latch;
+pub use latch::LeaderLatch;
 mod semaphore;
 pub use semaphore::{Lease, Semaphore, PERMIT_PREFIX};
 mod barrier;

@@ -1,26 +1,17 @@
 //! [`Mutex`]: a distributed lock (Curator's `InterProcessMutex`).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use lockd_proto::v1 as proto;
 use tokio::time::Instant;
 
+use super::queue::{held_node_accessors, Decision, Entry, HeldNode, Queue};
 use crate::client::Client;
-use crate::error::Error;
-use crate::session::{Session, SessionHandle};
-use crate::watch::{WatchEventKind, WatchOptions};
+use crate::session::Session;
 use crate::Result;
 
-use super::queue::{delete_node, ensure_container, seq_of, sleep_until_opt, spawn_delete, Cleanup};
-
 pub use lockd_proto::layout::LOCK_PREFIX;
-
-/// How many times a create is retried after the lock directory vanished
-/// under it (a container is deleted once its last child goes).
-const CREATE_ATTEMPTS: u32 = 5;
 
 /// The compare that holds only while the lock node `node_path`, created at
 /// revision `token`, still exists: `create_revision(node_path) == token`.
@@ -31,6 +22,36 @@ const CREATE_ATTEMPTS: u32 = 5;
 /// [`MutexGuard::guarded_txn`] adds; use it directly when the token and
 /// path were handed over from another process (e.g. `lockctl lock` exports
 /// `LOCKD_FENCING_TOKEN`).
+///
+/// ```no_run
+/// # async fn demo(client: lockd_client::Client) -> Result<(), lockd_client::Error> {
+/// use lockd_client::proto;
+/// use lockd_client::recipes::holds_lock_compare;
+///
+/// // In a command run by `lockctl lock /locks/build -- CMD`:
+/// let path = std::env::var("LOCKD_LOCK_PATH").unwrap_or_default();
+/// let token: u64 = std::env::var("LOCKD_FENCING_TOKEN")
+///     .ok()
+///     .and_then(|t| t.parse().ok())
+///     .unwrap_or(0);
+/// let r = client
+///     .txn(proto::TxnRequest {
+///         compare: vec![holds_lock_compare(path, token)],
+///         success: vec![proto::Op {
+///             op: Some(proto::op::Op::Delete(proto::DeleteRequest {
+///                 path: "/build/scratch".into(),
+///                 ..Default::default()
+///             })),
+///         }],
+///         ..Default::default()
+///     })
+///     .await?;
+/// if !r.succeeded {
+///     eprintln!("the lock moved on: nothing done");
+/// }
+/// # Ok(())
+/// # }
+/// ```
 pub fn holds_lock_compare(node_path: impl Into<String>, token: u64) -> proto::Compare {
     proto::Compare {
         path: node_path.into(),
@@ -61,7 +82,7 @@ pub fn holds_lock_compare(node_path: impl Into<String>, token: u64) -> proto::Co
 /// tokens of successive holders strictly increase.
 ///
 /// If the session is lost while waiting, [`Mutex::lock`] fails with
-/// [`Error::SessionLost`]. If it is cancelled (the future dropped) or
+/// [`Error::SessionLost`](crate::Error::SessionLost). If it is cancelled (the future dropped) or
 /// times out, its node is deleted. A `Mutex` is cheap to clone; each call to
 /// [`Mutex::lock`] is a separate contender (a task holding the lock that
 /// calls `lock` again waits for itself forever).
@@ -82,51 +103,44 @@ pub fn holds_lock_compare(node_path: impl Into<String>, token: u64) -> proto::Co
 /// ```
 #[derive(Clone, Debug)]
 pub struct Mutex {
-    client: Client,
-    dir: String,
-    session: SessionHandle,
-    lists: Arc<AtomicU64>,
+    queue: Queue,
+}
+
+/// The lowest contender holds; the others wait for their predecessor.
+fn decide(q: &[Entry], pos: usize) -> Decision {
+    match pos {
+        0 => Decision::Hold,
+        _ => Decision::WaitFor(q[pos - 1].path.clone()),
+    }
 }
 
 impl Mutex {
     /// A lock on the directory `name` (e.g. `/locks/build`), whose contender
     /// nodes are owned by `session`. Nothing is sent until a lock call.
     pub fn new(client: Client, name: impl Into<String>, session: &Session) -> Mutex {
-        let mut dir: String = name.into();
-        while dir.len() > 1 && dir.ends_with('/') {
-            dir.pop();
-        }
         Mutex {
-            client,
-            dir,
-            session: session.handle(),
-            lists: Arc::new(AtomicU64::new(0)),
+            queue: Queue::new(client, name, session),
         }
     }
 
     /// The lock directory.
     pub fn name(&self) -> &str {
-        &self.dir
+        &self.queue.dir
     }
 
     /// How many times this mutex (and its clones) listed the lock directory:
     /// once per acquisition attempt plus once per predecessor deletion seen.
     /// Diagnostics (it shows that a release wakes only the next waiter).
     pub fn list_count(&self) -> u64 {
-        self.lists.load(Ordering::Relaxed)
+        self.queue.list_count()
     }
 
-    /// Waits until the lock is held. Fails with [`Error::SessionLost`] if
+    /// Waits until the lock is held. Fails with [`Error::SessionLost`](crate::Error::SessionLost) if
     /// the session is lost first, or with the client's error when the
     /// cluster cannot be reached.
     pub async fn lock(&self) -> Result<MutexGuard> {
-        match self.acquire(None).await? {
-            Some(g) => Ok(g),
-            None => Err(Error::SessionLost(format!(
-                "{}: acquisition ended without the lock",
-                self.dir
-            ))),
-        }
+        let inner = self.queue.hold(&[LOCK_PREFIX], 0, decide).await?;
+        Ok(MutexGuard { inner })
     }
 
     /// Takes the lock if nobody holds it or waits for it; `Ok(None)`
@@ -141,143 +155,12 @@ impl Mutex {
         self.acquire(Some(Instant::now() + timeout)).await
     }
 
-    fn lost_error(&self) -> Error {
-        Error::SessionLost(self.session.reason())
-    }
-
-    /// Ensures the directory exists as a container.
-    async fn ensure_dir(&self) -> Result<()> {
-        ensure_container(&self.client, &self.dir).await
-    }
-
-    /// Creates our contender node.
-    async fn create_node(&self) -> Result<proto::Node> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let r = self
-                .client
-                .create_protected(proto::CreateRequest {
-                    path: format!("{}/{LOCK_PREFIX}", self.dir),
-                    session_id: self.session.id,
-                    sequential: true,
-                    ..Default::default()
-                })
-                .await;
-            match r {
-                Ok(r) => {
-                    return r.node.ok_or_else(|| {
-                        Error::Rpc(tonic::Status::internal("create answered without a node"))
-                    })
-                }
-                Err(Error::NotFound(m)) if m.starts_with("session expired") => {
-                    return Err(Error::SessionLost(m))
-                }
-                Err(Error::NotFound(_)) if attempt < CREATE_ATTEMPTS => self.ensure_dir().await?,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
     async fn acquire(&self, deadline: Option<Instant>) -> Result<Option<MutexGuard>> {
-        if self.session.is_lost() {
-            return Err(self.lost_error());
-        }
-        let node = self.create_node().await?;
-        let token = node.create_revision;
-        let mut cleanup = Cleanup {
-            client: self.client.clone(),
-            node: Some((node.path.clone(), token)),
-        };
-        let node_prefix = format!("{}/{LOCK_PREFIX}", self.dir);
-        loop {
-            self.lists.fetch_add(1, Ordering::Relaxed);
-            let list = match self.client.list(self.dir.clone()).await {
-                Ok(l) => l,
-                // The directory exists as long as our node does.
-                Err(Error::NotFound(_)) => {
-                    cleanup.disarm();
-                    return Err(self.node_gone(&node.path));
-                }
-                Err(e) => {
-                    cleanup.now().await;
-                    return Err(e);
-                }
-            };
-            let mut contenders: Vec<(u64, &proto::Node)> = list
-                .children
-                .iter()
-                .filter_map(|c| Some((seq_of(&node_prefix, &c.path)?, c)))
-                .collect();
-            contenders.sort_by_key(|(seq, _)| *seq);
-            let Some(pos) = contenders
-                .iter()
-                .position(|(_, c)| c.path == node.path && c.create_revision == token)
-            else {
-                cleanup.disarm();
-                return Err(self.node_gone(&node.path));
-            };
-            if pos == 0 {
-                cleanup.disarm();
-                return Ok(Some(MutexGuard {
-                    client: self.client.clone(),
-                    session: self.session.clone(),
-                    name: self.dir.clone(),
-                    path: node.path.clone(),
-                    token,
-                    released: false,
-                }));
-            }
-            if deadline.is_some_and(|d| d <= Instant::now()) {
-                cleanup.now().await;
-                return Ok(None);
-            }
-            let pred = contenders[pos - 1].1.path.clone();
-            let rev = list.header.as_ref().map_or(0, |h| h.revision);
-            let mut watcher = self.client.watch(WatchOptions {
-                no_put: true,
-                ..WatchOptions::key(pred).from_revision(rev + 1)
-            });
-            let pred_deleted = async {
-                loop {
-                    match watcher.next().await {
-                        Ok(ev) if ev.kind == WatchEventKind::Delete => return Ok(()),
-                        Ok(_) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-            };
-            tokio::select! {
-                r = pred_deleted => match r {
-                    Ok(()) => {}
-                    // History gone: the list tells the current state.
-                    Err(Error::Compacted { .. }) => {}
-                    Err(e) => {
-                        cleanup.now().await;
-                        return Err(e);
-                    }
-                },
-                _ = self.session.lost() => {
-                    cleanup.now().await;
-                    return Err(self.lost_error());
-                }
-                _ = sleep_until_opt(deadline) => {
-                    cleanup.now().await;
-                    return Ok(None);
-                }
-            }
-        }
-    }
-
-    fn node_gone(&self, path: &str) -> Error {
-        if self.session.is_lost() {
-            self.lost_error()
-        } else {
-            Error::SessionLost(format!(
-                "lock node {path} was deleted (session {})",
-                self.session.id
-            ))
-        }
+        let held = self
+            .queue
+            .acquire(&[LOCK_PREFIX], 0, deadline, decide)
+            .await?;
+        Ok(held.map(|inner| MutexGuard { inner }))
     }
 }
 
@@ -304,123 +187,59 @@ impl Mutex {
 ///
 /// [`MutexGuard::lost`] resolves when the lock must be assumed gone
 /// (session lost, or our node deleted): stop work that relies on it.
+///
+/// ```no_run
+/// # async fn demo(mutex: lockd_client::recipes::Mutex) -> Result<(), lockd_client::Error> {
+/// use lockd_client::proto;
+///
+/// let guard = mutex.lock().await?;
+/// let write = proto::TxnRequest {
+///     success: vec![proto::Op {
+///         op: Some(proto::op::Op::Put(proto::PutRequest {
+///             path: "/build/state".into(),
+///             data: format!("token={}", guard.fencing_token()).into_bytes(),
+///             ..Default::default()
+///         })),
+///     }],
+///     ..Default::default()
+/// };
+/// tokio::select! {
+///     r = guard.guarded_txn(write) => {
+///         if !r?.succeeded {
+///             println!("fenced off: the lock moved on");
+///         }
+///     }
+///     why = guard.lost() => println!("lock lost: {why}"),
+/// }
+/// guard.unlock().await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct MutexGuard {
-    client: Client,
-    session: SessionHandle,
-    name: String,
-    path: String,
-    token: u64,
-    released: bool,
+    inner: HeldNode,
 }
 
+held_node_accessors!(MutexGuard, "lock", "/locks/build/lock-0000000042");
+
 impl MutexGuard {
-    /// The fencing token: our node's `create_revision`, strictly increasing
-    /// across successive holders of the lock.
-    pub fn fencing_token(&self) -> u64 {
-        self.token
-    }
-
-    /// Our contender node, e.g. `/locks/build/lock-0000000042`.
-    pub fn path(&self) -> &str {
-        &self.path
-    }
-
-    /// The lock directory.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The session owning our node.
-    pub fn session_id(&self) -> u64 {
-        self.session.id
-    }
-
-    /// True once the session is lost (the lock must be assumed gone). Does
-    /// not notice a node deleted by someone else; see [`MutexGuard::lost`].
-    pub fn is_lost(&self) -> bool {
-        self.session.is_lost()
-    }
-
-    /// The compare that holds only while this acquisition holds the lock;
-    /// see [`holds_lock_compare`].
-    pub fn compare(&self) -> proto::Compare {
-        holds_lock_compare(self.path.clone(), self.token)
-    }
-
-    /// Runs `req` with [`MutexGuard::compare`] added to its compares: it
-    /// applies its `success` ops only while we still hold the lock.
-    /// `succeeded == false` means one of the compares failed (ours
-    /// included); check [`MutexGuard::is_lost`] or re-read to tell which.
-    pub async fn guarded_txn(&self, mut req: proto::TxnRequest) -> Result<proto::TxnResponse> {
-        req.compare.push(self.compare());
-        self.client.txn(req).await
-    }
-
     /// A future that resolves, with the reason, once the lock must be
     /// assumed gone: the session is lost, or our node was deleted (e.g. by
     /// an operator). Independent of `self`, so it can be raced against work.
     pub fn lost(&self) -> impl Future<Output = String> + Send + 'static {
-        let client = self.client.clone();
-        let session = self.session.clone();
-        let path = self.path.clone();
-        let token = self.token;
-        async move {
-            let node_gone = async {
-                loop {
-                    let rev = match client.get(path.clone()).await {
-                        Ok(r) if r.node.as_ref().map(|n| n.create_revision) == Some(token) => {
-                            r.header.map_or(0, |h| h.revision)
-                        }
-                        Ok(_) | Err(Error::NotFound(_)) => {
-                            return format!("lock node {path} was deleted")
-                        }
-                        Err(_) => {
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                            continue;
-                        }
-                    };
-                    let mut w = client.watch(WatchOptions {
-                        no_put: true,
-                        ..WatchOptions::key(path.clone()).from_revision(rev + 1)
-                    });
-                    loop {
-                        match w.next().await {
-                            Ok(ev) if ev.kind == WatchEventKind::Delete => {
-                                return format!("lock node {path} was deleted")
-                            }
-                            Ok(_) => {}
-                            Err(_) => break,
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            };
-            tokio::select! {
-                why = session.lost() => format!("session lost: {why}"),
-                why = node_gone => why,
-            }
-        }
+        self.inner.lost_or_deleted()
     }
 
     /// Releases the lock (deletes our node if it is still ours). `Ok` also
     /// when the node was already gone.
-    pub async fn unlock(mut self) -> Result<()> {
-        self.released = true;
-        delete_node(&self.client, &self.path, self.token).await
-    }
-}
-
-impl Drop for MutexGuard {
-    fn drop(&mut self) {
-        if !self.released {
-            spawn_delete(self.client.clone(), self.path.clone(), self.token);
-        }
+    pub async fn unlock(self) -> Result<()> {
+        self.inner.release().await
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::queue::seq_of;
     use super::*;
 
     #[test]
@@ -437,5 +256,18 @@ mod tests {
         let c = holds_lock_compare("/l/lock-0000000001", 7);
         assert_eq!(c.op, proto::compare::Op::Equal as i32);
         assert_eq!(c.target, Some(proto::compare::Target::CreateRevision(7)));
+    }
+
+    #[test]
+    fn lowest_holds_others_wait_for_their_predecessor() {
+        let q: Vec<Entry> = (0..3)
+            .map(|i| Entry {
+                seq: 10 + i,
+                kind: 0,
+                path: format!("/l/lock-{i}"),
+            })
+            .collect();
+        assert!(matches!(decide(&q, 0), Decision::Hold));
+        assert!(matches!(decide(&q, 2), Decision::WaitFor(p) if p == "/l/lock-1"));
     }
 }

@@ -1,9 +1,14 @@
-//! Shared machinery of the queue-based recipes ([`RwLock`](super::RwLock),
-//! [`Semaphore`](super::Semaphore)): ephemeral-sequential children of a
-//! container directory, a decision over the sorted queue, and a watch on
-//! what the decision says to wait for.
+//! Shared machinery of the queue-based recipes ([`Mutex`](super::Mutex),
+//! [`RwLock`](super::RwLock), [`Semaphore`](super::Semaphore)):
+//! ephemeral-sequential children of a container directory, a decision over
+//! the sorted queue, a watch on what the decision says to wait for, and the
+//! held node the public guards wrap. [`LeaderElection`](super::LeaderElection)
+//! shares the node helpers.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use lockd_proto::v1 as proto;
 use tokio::time::Instant;
@@ -15,8 +20,12 @@ use crate::session::{Session, SessionHandle};
 use crate::watch::{WatchEventKind, WatchOptions};
 use crate::Result;
 
-/// How many times a create is retried after the directory vanished under it.
+/// How many times a create is retried after the directory vanished under it
+/// (a container is deleted once its last child goes).
 const CREATE_ATTEMPTS: u32 = 5;
+
+/// Wait before retrying a read in [`HeldNode::lost_or_deleted`].
+const RETRY: Duration = Duration::from_millis(500);
 
 /// One node of the queue, as listed.
 #[derive(Debug)]
@@ -45,6 +54,8 @@ pub(super) struct Queue {
     pub client: Client,
     pub dir: String,
     pub session: SessionHandle,
+    /// How many times the directory was listed (shared by clones).
+    lists: Arc<AtomicU64>,
 }
 
 impl Queue {
@@ -53,41 +64,22 @@ impl Queue {
             client,
             dir: trim_dir(name.into()),
             session: session.handle(),
+            lists: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// How many times this queue (and its clones) listed the directory.
+    pub fn list_count(&self) -> u64 {
+        self.lists.load(Ordering::Relaxed)
     }
 
     pub fn lost_error(&self) -> Error {
         Error::SessionLost(self.session.reason())
     }
 
-    /// Ensures the directory exists as a container.
-    pub async fn ensure_dir(&self) -> Result<()> {
-        ensure_container(&self.client, &self.dir).await
-    }
-
     /// Creates our node `DIR/PREFIX<seq>`, ephemeral-sequential.
     pub async fn create_node(&self, prefix: &str) -> Result<proto::Node> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let r = self
-                .client
-                .create_protected(proto::CreateRequest {
-                    path: format!("{}/{prefix}", self.dir),
-                    session_id: self.session.id,
-                    sequential: true,
-                    ..Default::default()
-                })
-                .await;
-            match r {
-                Ok(r) => return r.node.ok_or_else(no_node),
-                Err(Error::NotFound(m)) if m.starts_with("session expired") => {
-                    return Err(Error::SessionLost(m))
-                }
-                Err(Error::NotFound(_)) if attempt < CREATE_ATTEMPTS => self.ensure_dir().await?,
-                Err(e) => return Err(e),
-            }
-        }
+        create_contender(&self.client, &self.dir, prefix, self.session.id, Vec::new()).await
     }
 
     fn node_gone(&self, path: &str) -> Error {
@@ -98,6 +90,23 @@ impl Queue {
                 "node {path} was deleted (session {})",
                 self.session.id
             ))
+        }
+    }
+
+    /// [`Queue::acquire`] without a deadline: waits until we hold.
+    pub async fn hold(
+        &self,
+        prefixes: &[&str],
+        kind: usize,
+        decide: impl Fn(&[Entry], usize) -> Decision,
+    ) -> Result<HeldNode> {
+        match self.acquire(prefixes, kind, None, decide).await? {
+            Some(held) => Ok(held),
+            // Only a deadline ends an acquisition without a node.
+            None => Err(Error::SessionLost(format!(
+                "{}: acquisition ended without holding",
+                self.dir
+            ))),
         }
     }
 
@@ -126,8 +135,10 @@ impl Queue {
             .map(|p| format!("{}/{p}", self.dir))
             .collect();
         loop {
+            self.lists.fetch_add(1, Ordering::Relaxed);
             let list = match self.client.list(self.dir.clone()).await {
                 Ok(l) => l,
+                // The directory exists as long as our node does.
                 Err(Error::NotFound(_)) => {
                     cleanup.disarm();
                     return Err(self.node_gone(&node.path));
@@ -204,6 +215,7 @@ impl Queue {
             };
             tokio::select! {
                 r = woken => match r {
+                    // History gone: the next list tells the current state.
                     Ok(()) | Err(Error::Compacted { .. }) => {}
                     Err(e) => {
                         cleanup.now().await;
@@ -232,6 +244,42 @@ pub(super) fn trim_dir(mut dir: String) -> String {
 
 pub(super) fn no_node() -> Error {
     Error::Rpc(tonic::Status::internal("create answered without a node"))
+}
+
+/// Creates the ephemeral-sequential node `DIR/PREFIX<seq>` with `data`,
+/// owned by session `session_id`, through [`Client::create_protected`] (a
+/// lost reply is retried without leaving an orphan). A missing `dir` is
+/// created as a container and the create retried.
+pub(super) async fn create_contender(
+    client: &Client,
+    dir: &str,
+    prefix: &str,
+    session_id: u64,
+    data: Vec<u8>,
+) -> Result<proto::Node> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let r = client
+            .create_protected(proto::CreateRequest {
+                path: format!("{dir}/{prefix}"),
+                data: data.clone(),
+                session_id,
+                sequential: true,
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(r) => return r.node.ok_or_else(no_node),
+            Err(Error::NotFound(m)) if m.starts_with("session expired") => {
+                return Err(Error::SessionLost(m))
+            }
+            Err(Error::NotFound(_)) if attempt < CREATE_ATTEMPTS => {
+                ensure_container(client, dir).await?
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Creates `dir` (and missing parents) as a container; fine if it exists.
@@ -339,9 +387,55 @@ impl HeldNode {
         self.client.txn(req).await
     }
 
+    /// Resolves once the session is lost.
     pub fn lost(&self) -> impl Future<Output = String> + Send + 'static {
         let session = self.session.clone();
         async move { format!("session lost: {}", session.lost().await) }
+    }
+
+    /// Resolves once the session is lost or our node was deleted (read,
+    /// then watched for its deletion; read again after a watch error).
+    pub fn lost_or_deleted(&self) -> impl Future<Output = String> + Send + 'static {
+        let client = self.client.clone();
+        let path = self.path.clone();
+        let token = self.token;
+        let lost = self.lost();
+        async move {
+            let node_gone = async {
+                loop {
+                    let rev = match client.get(path.clone()).await {
+                        Ok(r) if r.node.as_ref().map(|n| n.create_revision) == Some(token) => {
+                            r.header.map_or(0, |h| h.revision)
+                        }
+                        Ok(_) | Err(Error::NotFound(_)) => {
+                            return format!("lock node {path} was deleted")
+                        }
+                        Err(_) => {
+                            tokio::time::sleep(RETRY).await;
+                            continue;
+                        }
+                    };
+                    let mut w = client.watch(WatchOptions {
+                        no_put: true,
+                        ..WatchOptions::key(path.clone()).from_revision(rev + 1)
+                    });
+                    loop {
+                        match w.next().await {
+                            Ok(ev) if ev.kind == WatchEventKind::Delete => {
+                                return format!("lock node {path} was deleted")
+                            }
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                    tokio::time::sleep(RETRY).await;
+                }
+            };
+            tokio::select! {
+                why = lost => why,
+                why = node_gone => why,
+            }
+        }
     }
 
     pub async fn release(mut self) -> Result<()> {
@@ -349,6 +443,62 @@ impl HeldNode {
         delete_node(&self.client, &self.path, self.token).await
     }
 }
+
+/// The accessors every guard over a [`HeldNode`] (in its field `inner`)
+/// shares: `fencing_token`, `path`, `name`, `session_id`, `is_lost`,
+/// `compare` and `guarded_txn`. `$what` names the recipe ("lock",
+/// "semaphore"), `$node` is an example node path.
+macro_rules! held_node_accessors {
+    ($guard:ty, $what:literal, $node:literal) => {
+        impl $guard {
+            #[doc = concat!("The fencing token: our node's `create_revision`, strictly \
+                increasing across successive acquisitions of the ", $what, ".")]
+            pub fn fencing_token(&self) -> u64 {
+                self.inner.token
+            }
+
+            #[doc = concat!("Our node, e.g. `", $node, "`.")]
+            pub fn path(&self) -> &str {
+                &self.inner.path
+            }
+
+            #[doc = concat!("The ", $what, " directory.")]
+            pub fn name(&self) -> &str {
+                &self.inner.name
+            }
+
+            /// The session owning our node.
+            pub fn session_id(&self) -> u64 {
+                self.inner.session.id
+            }
+
+            #[doc = concat!("True once the session is lost (the ", $what, " must be \
+                assumed gone). Does not notice a node deleted by someone else.")]
+            pub fn is_lost(&self) -> bool {
+                self.inner.session.is_lost()
+            }
+
+            #[doc = concat!("The compare that holds only while this acquisition holds \
+                the ", $what, "; see \
+                [`holds_lock_compare`](crate::recipes::holds_lock_compare).")]
+            pub fn compare(&self) -> lockd_proto::v1::Compare {
+                self.inner.compare()
+            }
+
+            #[doc = concat!("Runs `req` with the compare of `compare()` added to its \
+                compares: it applies its `success` ops only while we still hold the ", $what,
+                ". `succeeded == false` means one of the compares failed (ours included); \
+                check `is_lost()` or re-read to tell which.")]
+            pub async fn guarded_txn(
+                &self,
+                req: lockd_proto::v1::TxnRequest,
+            ) -> crate::Result<lockd_proto::v1::TxnResponse> {
+                self.inner.guarded_txn(req).await
+            }
+        }
+    };
+}
+pub(super) use held_node_accessors;
 
 impl Drop for HeldNode {
     fn drop(&mut self) {

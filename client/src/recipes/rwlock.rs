@@ -4,12 +4,10 @@
 use std::future::Future;
 use std::time::Duration;
 
-use lockd_proto::v1 as proto;
 use tokio::time::Instant;
 
-use super::queue::{Decision, Entry, HeldNode, Queue};
+use super::queue::{held_node_accessors, Decision, Entry, HeldNode, Queue};
 use crate::client::Client;
-use crate::error::Error;
 use crate::session::Session;
 use crate::Result;
 
@@ -72,6 +70,16 @@ pub struct RwLock {
 }
 
 /// Which side of a [`RwLock`] a guard holds.
+///
+/// ```no_run
+/// # async fn demo(lock: lockd_client::recipes::RwLock) -> Result<(), lockd_client::Error> {
+/// use lockd_client::recipes::RwLockMode;
+///
+/// let guard = lock.read().await?;
+/// assert_eq!(guard.mode(), RwLockMode::Read);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RwLockMode {
     /// Shared with other readers.
@@ -117,13 +125,9 @@ impl RwLock {
     }
 
     async fn wait(&self, mode: RwLockMode) -> Result<RwLockGuard> {
-        match self.acquire(mode, None).await? {
-            Some(g) => Ok(g),
-            None => Err(Error::SessionLost(format!(
-                "{}: acquisition ended without the lock",
-                self.queue.dir
-            ))),
-        }
+        let decide = move |q: &[Entry], pos: usize| decide(mode, q, pos);
+        let inner = self.queue.hold(&PREFIXES, kind(mode), decide).await?;
+        Ok(RwLockGuard { inner, mode })
     }
 
     async fn acquire(
@@ -131,16 +135,19 @@ impl RwLock {
         mode: RwLockMode,
         deadline: Option<Instant>,
     ) -> Result<Option<RwLockGuard>> {
-        let kind = match mode {
-            RwLockMode::Read => READ,
-            RwLockMode::Write => WRITE,
-        };
         let decide = move |q: &[Entry], pos: usize| decide(mode, q, pos);
         let held = self
             .queue
-            .acquire(&PREFIXES, kind, deadline, decide)
+            .acquire(&PREFIXES, kind(mode), deadline, decide)
             .await?;
         Ok(held.map(|inner| RwLockGuard { inner, mode }))
+    }
+}
+
+fn kind(mode: RwLockMode) -> usize {
+    match mode {
+        RwLockMode::Read => READ,
+        RwLockMode::Write => WRITE,
     }
 }
 
@@ -159,48 +166,27 @@ fn decide(mode: RwLockMode, q: &[Entry], pos: usize) -> Decision {
 /// [`RwLockGuard::unlock`]; dropping it releases in the background, and the
 /// session's end releases it in any case. See
 /// [`MutexGuard`](super::MutexGuard) for fencing.
+///
+/// ```no_run
+/// # async fn demo(lock: lockd_client::recipes::RwLock) -> Result<(), lockd_client::Error> {
+/// let guard = lock.write().await?;
+/// println!("{:?} {} (token {})", guard.mode(), guard.path(), guard.fencing_token());
+/// guard.unlock().await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct RwLockGuard {
     inner: HeldNode,
     mode: RwLockMode,
 }
 
+held_node_accessors!(RwLockGuard, "lock", "/locks/db/write-0000000042");
+
 impl RwLockGuard {
     /// Read or write.
     pub fn mode(&self) -> RwLockMode {
         self.mode
-    }
-
-    /// The fencing token: our node's `create_revision`.
-    pub fn fencing_token(&self) -> u64 {
-        self.inner.token
-    }
-
-    /// Our node, e.g. `/locks/db/write-0000000042`.
-    pub fn path(&self) -> &str {
-        &self.inner.path
-    }
-
-    /// The lock directory.
-    pub fn name(&self) -> &str {
-        &self.inner.name
-    }
-
-    /// True once the session is lost (the lock must be assumed gone).
-    pub fn is_lost(&self) -> bool {
-        self.inner.session.is_lost()
-    }
-
-    /// The compare that holds only while this acquisition holds the lock;
-    /// see [`holds_lock_compare`](super::holds_lock_compare).
-    pub fn compare(&self) -> proto::Compare {
-        self.inner.compare()
-    }
-
-    /// Runs `req` with [`RwLockGuard::compare`] added: its `success` ops
-    /// apply only while we still hold the lock.
-    pub async fn guarded_txn(&self, req: proto::TxnRequest) -> Result<proto::TxnResponse> {
-        self.inner.guarded_txn(req).await
     }
 
     /// Resolves, with the reason, once the session is lost. Independent of

@@ -4,12 +4,10 @@
 use std::future::Future;
 use std::time::Duration;
 
-use lockd_proto::v1 as proto;
 use tokio::time::Instant;
 
-use super::queue::{Decision, HeldNode, Queue};
+use super::queue::{held_node_accessors, Decision, Entry, HeldNode, Queue};
 use crate::client::Client;
-use crate::error::Error;
 use crate::session::Session;
 use crate::Result;
 
@@ -80,16 +78,11 @@ impl Semaphore {
         self.leases
     }
 
-    /// Waits until a lease is held. Fails with [`Error::SessionLost`] if
+    /// Waits until a lease is held. Fails with [`Error::SessionLost`](crate::Error::SessionLost) if
     /// the session is lost first.
     pub async fn acquire(&self) -> Result<Lease> {
-        match self.acquire_until(None).await? {
-            Some(l) => Ok(l),
-            None => Err(Error::SessionLost(format!(
-                "{}: acquisition ended without a lease",
-                self.queue.dir
-            ))),
-        }
+        let inner = self.queue.hold(&[PERMIT_PREFIX], 0, self.decide()).await?;
+        Ok(Lease { inner })
     }
 
     /// Like [`Semaphore::acquire`], giving up after `timeout` with
@@ -99,63 +92,50 @@ impl Semaphore {
     }
 
     async fn acquire_until(&self, deadline: Option<Instant>) -> Result<Option<Lease>> {
+        let held = self
+            .queue
+            .acquire(&[PERMIT_PREFIX], 0, deadline, self.decide())
+            .await?;
+        Ok(held.map(|inner| Lease { inner }))
+    }
+
+    /// The first `leases` nodes hold; the others wait for any deletion
+    /// ahead of them.
+    fn decide(&self) -> impl Fn(&[Entry], usize) -> Decision {
         let n = self.leases;
-        let decide = move |_: &[super::queue::Entry], pos: usize| {
+        move |_, pos| {
             if pos < n {
                 Decision::Hold
             } else {
                 Decision::WaitAnyEarlier
             }
-        };
-        let held = self
-            .queue
-            .acquire(&[PERMIT_PREFIX], 0, deadline, decide)
-            .await?;
-        Ok(held.map(|inner| Lease { inner }))
+        }
     }
 }
 
 /// A lease of a [`Semaphore`]. Release it with [`Lease::release`];
 /// dropping it releases in the background, and the session's end releases
-/// it in any case.
+/// it in any case. See [`MutexGuard`](super::MutexGuard) for fencing.
+///
+/// ```no_run
+/// # async fn demo(sem: lockd_client::recipes::Semaphore) -> Result<(), lockd_client::Error> {
+/// use std::time::Duration;
+///
+/// if let Some(lease) = sem.acquire_timeout(Duration::from_secs(5)).await? {
+///     println!("lease {} (token {})", lease.path(), lease.fencing_token());
+///     lease.release().await?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Lease {
     inner: HeldNode,
 }
 
+held_node_accessors!(Lease, "semaphore", "/semaphores/db-pool/permit-0000000042");
+
 impl Lease {
-    /// The fencing token: our node's `create_revision`.
-    pub fn fencing_token(&self) -> u64 {
-        self.inner.token
-    }
-
-    /// Our node, e.g. `/semaphores/db-pool/permit-0000000042`.
-    pub fn path(&self) -> &str {
-        &self.inner.path
-    }
-
-    /// The semaphore directory.
-    pub fn name(&self) -> &str {
-        &self.inner.name
-    }
-
-    /// True once the session is lost (the lease must be assumed gone).
-    pub fn is_lost(&self) -> bool {
-        self.inner.session.is_lost()
-    }
-
-    /// The compare that holds only while this lease is held; see
-    /// [`holds_lock_compare`](super::holds_lock_compare).
-    pub fn compare(&self) -> proto::Compare {
-        self.inner.compare()
-    }
-
-    /// Runs `req` with [`Lease::compare`] added: its `success` ops apply
-    /// only while we still hold the lease.
-    pub async fn guarded_txn(&self, req: proto::TxnRequest) -> Result<proto::TxnResponse> {
-        self.inner.guarded_txn(req).await
-    }
-
     /// Resolves, with the reason, once the session is lost.
     pub fn lost(&self) -> impl Future<Output = String> + Send + 'static {
         self.inner.lost()

@@ -373,3 +373,56 @@ async fn protected_create_retries_with_the_same_request_id() {
     let creates = shared.creates.lock().unwrap().clone();
     assert!(creates.iter().all(|r| r.request_id == "mine"));
 }
+
+#[tokio::test]
+async fn a_shorter_keepalive_cadence_keeps_renewed_at_recent() {
+    let (addr, shared) = fake().await;
+    let c = client(&[&addr]);
+    let opened = Instant::now();
+    // TTL 3 s: the default cadence would send one keepalive a second.
+    let s = c
+        .open_session_every(Duration::from_secs(3), Some(Duration::from_millis(50)))
+        .await
+        .unwrap();
+    let h = s.handle();
+    assert!(h.renewed_at() <= opened + Duration::from_millis(500));
+    let before = h.renewed_at();
+    eventually(Duration::from_secs(2), "6 keepalives", || {
+        shared.keepalives.load(Ordering::SeqCst) >= 6
+    })
+    .await;
+    // The default cadence (1 s) would need 5 s for 6.
+    assert!(
+        opened.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        opened.elapsed()
+    );
+    eventually(Duration::from_secs(1), "renewed_at moves on", || {
+        h.renewed_at() > before
+    })
+    .await;
+    // While keepalives go unanswered it stays put.
+    shared.set_mode(Mode::Silent);
+    wait_state(&s, SessionState::Suspended, Duration::from_secs(3)).await;
+    let stuck = h.renewed_at();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.renewed_at(), stuck);
+    assert!(stuck.elapsed() >= Duration::from_millis(200));
+    s.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_longer_keepalive_cadence_is_capped_at_a_third_of_the_ttl() {
+    let (addr, shared) = fake().await;
+    let c = client(&[&addr]);
+    let s = c
+        .open_session_every(Duration::from_millis(600), Some(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(2), "keepalives every TTL/3", || {
+        shared.keepalives.load(Ordering::SeqCst) >= 4
+    })
+    .await;
+    assert!(!s.is_lost(), "{:?}", s.lost_reason());
+    s.close().await.unwrap();
+}

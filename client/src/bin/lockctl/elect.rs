@@ -23,6 +23,14 @@ pub(crate) struct ElectArgs {
     /// TTL of the session that owns the candidate node, e.g. 10s, 500ms.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     ttl: Duration,
+    /// Step down when the session has not been renewed for this long
+    /// (client-go's renew deadline; default 2/3 of --ttl).
+    #[arg(long, value_parser = parse_duration)]
+    renew_deadline: Option<Duration>,
+    /// Pause between retries after errors, and between keepalives
+    /// (client-go's retry period; default --ttl/5, at most 2s).
+    #[arg(long, value_parser = parse_duration)]
+    retry_period: Option<Duration>,
     /// Do not campaign: print the current leader and every change.
     #[arg(long, conflicts_with = "identity")]
     observe: bool,
@@ -65,14 +73,14 @@ pub(crate) async fn elect(client: &Client, out: Output, a: ElectArgs) -> Result<
         }
     }
     let identity = a.identity.clone().unwrap_or_default();
-    let election = LeaderElection::new(
-        client.clone(),
-        a.name.clone(),
-        ElectionConfig {
-            identity: identity.clone(),
-            lease_ttl: a.ttl,
-        },
-    );
+    let mut config = ElectionConfig::new(identity.clone(), a.ttl);
+    if let Some(d) = a.renew_deadline {
+        config = config.with_renew_deadline(d);
+    }
+    if let Some(d) = a.retry_period {
+        config = config.with_retry_period(d);
+    }
+    let election = LeaderElection::new(client.clone(), a.name.clone(), config)?;
     let mut campaign = election.campaign();
     let mut child: Option<tokio::process::Child> = None;
     let mut leading = false;
