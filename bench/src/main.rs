@@ -14,6 +14,7 @@
 //!   contenders, and lock and election failover after SIGKILL of a
 //!   `lockctl lock` holder or `lockctl elect` leader.
 
+mod compare;
 mod fsync;
 mod local;
 mod locks;
@@ -67,6 +68,13 @@ enum Cmd {
     /// (uncontended latency, contended handovers/s) and lock and election
     /// failover after SIGKILL.
     Locks(LocksArgs),
+    /// Start 3-member clusters of lockd, etcd and ZooKeeper in turn, run the
+    /// same workloads against each, and print one side-by-side table.
+    Compare(compare::cli::CompareArgs),
+    /// Take a lock and hold it until killed (the holder process of the
+    /// holder-crash workload).
+    #[command(hide = true)]
+    Hold(compare::cli::HoldArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -395,6 +403,8 @@ fn main() -> ExitCode {
             Cmd::Sessions(a) => cmd_sessions(a).await,
             Cmd::Watch(a) => cmd_watch(a).await,
             Cmd::Locks(a) => cmd_locks(a).await,
+            Cmd::Compare(a) => compare::cli::compare(a).await,
+            Cmd::Hold(a) => compare::cli::hold(a).await,
         }
     });
     match res {

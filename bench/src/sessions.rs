@@ -235,7 +235,7 @@ fn record(h: &mut Histogram<u64>, d: Duration) {
 
 /// Opens `n` sessions, `conc` calls at a time over `endpoints`; returns the
 /// ids, the granted TTL and the outcome.
-async fn open_all(
+pub(crate) async fn open_all(
     endpoints: &[String],
     n: usize,
     ttl_ms: u64,
@@ -480,7 +480,7 @@ async fn keeper(
 }
 
 /// Runs the keepers, waits for the answers still in flight and sums up.
-struct Keepers {
+pub(crate) struct Keepers {
     stop: watch::Sender<bool>,
     /// (member id the stream goes to, task).
     tasks: Vec<(u64, tokio::task::JoinHandle<KeeperResult>)>,
@@ -490,7 +490,7 @@ struct Keepers {
 }
 
 impl Keepers {
-    fn start(
+    pub(crate) fn start(
         members: &[(u64, String)],
         ids: &[u64],
         streams: usize,
