@@ -70,7 +70,9 @@ struct MemberArgs {
     /// Leader heartbeat interval in milliseconds.
     #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
-    /// Minimum election timeout in milliseconds (the maximum is twice this).
+    /// Election timeout in milliseconds: a follower that hears nothing from
+    /// the leader for this long (up to 1.2x, randomized) campaigns. At least
+    /// 2.5x --heartbeat-ms.
     #[arg(long, default_value_t = 1000)]
     election_timeout_ms: u64,
     /// Log entries between snapshots; the log is purged behind each snapshot.
@@ -167,8 +169,8 @@ fn member_config(a: MemberArgs) -> anyhow::Result<Config> {
         }
         c.initial_members = members;
     }
-    if a.heartbeat_ms == 0 || a.election_timeout_ms <= a.heartbeat_ms {
-        bail!("--election-timeout-ms must be larger than --heartbeat-ms (> 0)");
+    if a.heartbeat_ms == 0 || a.election_timeout_ms * 2 / 5 <= a.heartbeat_ms {
+        bail!("--election-timeout-ms must be more than 2.5x --heartbeat-ms (> 0)");
     }
     c.heartbeat = Duration::from_millis(a.heartbeat_ms);
     c.election_timeout = Duration::from_millis(a.election_timeout_ms);

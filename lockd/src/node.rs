@@ -51,7 +51,8 @@ pub struct Config {
     pub initial_members: Vec<(u64, String)>,
     /// Leader heartbeat interval.
     pub heartbeat: Duration,
-    /// Minimum election timeout (the maximum is twice this).
+    /// How long a follower waits without hearing from the leader before it
+    /// campaigns (randomized up to 1.2x).
     pub election_timeout: Duration,
     /// Log entries between snapshots; the log is purged behind snapshots.
     pub snapshot_threshold: u64,
@@ -206,8 +207,14 @@ impl LockdNode {
         let raft_config = openraft::Config {
             cluster_name: config.cluster_id.clone(),
             heartbeat_interval: config.heartbeat.as_millis() as u64,
-            election_timeout_min: et,
-            election_timeout_max: et * 2,
+            // openraft's follower campaigns once its leader lease (which is
+            // election_timeout_max) AND a timeout drawn from [min, max) have
+            // passed since it last heard from the leader. With 0.4 and 0.6 of
+            // the configured timeout, a follower campaigns between 1.0x and
+            // 1.2x of it after the leader goes silent (etcd: 1x-2x); with
+            // [et, 2 et) it would wait 3x-4x.
+            election_timeout_min: et * 2 / 5,
+            election_timeout_max: et * 3 / 5,
             install_snapshot_timeout: 10_000,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_threshold),
             max_in_snapshot_log_to_keep: (config.snapshot_threshold / 10).min(1000),

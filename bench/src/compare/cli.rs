@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 
-use super::run::{run_all, Better, Plan, SystemResult};
+use super::run::{run_all, Better, Plan, SystemResult, WORKLOADS};
 use super::{connect, ConnectOptions, Kind};
 use crate::fsync::{self, FsyncOutcome};
 use crate::report::{command_line, Machine};
@@ -24,6 +24,10 @@ pub struct CompareArgs {
     /// Systems to run, in order (each alone: the others are stopped).
     #[arg(long, value_delimiter = ',', default_value = "lockd,etcd,zookeeper")]
     pub targets: Vec<Kind>,
+    /// Only these workloads (write (and read), lock, watch, holder-crash,
+    /// sessions, failover); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub workloads: Vec<String>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -216,6 +220,13 @@ pub async fn compare(a: CompareArgs) -> Result<bool> {
     if a.targets.is_empty() {
         bail!("--targets is empty");
     }
+    if let Some(w) = a
+        .workloads
+        .iter()
+        .find(|w| !WORKLOADS.contains(&w.as_str()))
+    {
+        bail!("unknown workload {w:?} (known: {})", WORKLOADS.join(", "));
+    }
     let peers = a.targets.iter().any(|t| *t != Kind::Lockd);
     if peers && !a.no_install {
         install_peers()?;
@@ -233,7 +244,7 @@ pub async fn compare(a: CompareArgs) -> Result<bool> {
     let mut clean = true;
     for t in &a.targets {
         eprintln!("lockbench compare: running {}", t.name());
-        match run_all(*t, &plan).await {
+        match run_all(*t, &plan, &a.workloads).await {
             Ok(r) => {
                 clean &= r.failures.is_empty();
                 results.insert(t.name(), r);
