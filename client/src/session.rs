@@ -435,25 +435,75 @@ impl Client {
         if req.request_id.is_empty() {
             req.request_id = new_request_id();
         }
+        let id = req.request_id.clone();
+        self.retry_ambiguous(&id, || self.create_with(req.clone()))
+            .await
+    }
+
+    /// A transaction made safe to retry like [`Client::create_protected`]:
+    /// it carries a request id (set here if empty, scoped to
+    /// `request_session_id`), and an ambiguous outcome is retried with the
+    /// same id, so the server applies it at most once and a retry returns
+    /// the first attempt's result.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: lockd_client::Client, session: lockd_client::Session)
+    /// # -> Result<(), lockd_client::Error> {
+    /// use lockd_client::proto::{op, CreateRequest, Op, TxnRequest};
+    /// let create = |path: &str| Op {
+    ///     op: Some(op::Op::Create(CreateRequest {
+    ///         path: path.into(),
+    ///         session_id: session.id(),
+    ///         ..Default::default()
+    ///     })),
+    /// };
+    /// let r = client
+    ///     .txn_protected(TxnRequest {
+    ///         success: vec![create("/a"), create("/b")],
+    ///         request_session_id: session.id(),
+    ///         ..Default::default()
+    ///     })
+    ///     .await?;
+    /// assert!(r.succeeded);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn txn_protected(
+        &self,
+        mut req: proto::TxnRequest,
+    ) -> Result<proto::TxnResponse, Error> {
+        if req.request_id.is_empty() {
+            req.request_id = new_request_id();
+        }
+        let id = req.request_id.clone();
+        self.retry_ambiguous(&id, || self.txn(req.clone())).await
+    }
+
+    /// Runs `attempt` until it is not ambiguous, within the retry budget.
+    /// Once an attempt was ambiguous, a later "unavailable" is ambiguous too.
+    async fn retry_ambiguous<T, F, Fut>(&self, request_id: &str, mut attempt: F) -> Result<T, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
         let start = Instant::now();
         let mut backoff = Backoff::new();
         let mut ambiguous: Option<String> = None;
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let err = match self.create_with(req.clone()).await {
+            let err = match attempt().await {
                 Ok(r) => return Ok(r),
                 Err(e) => e,
             };
             match err {
                 Error::Ambiguous(m) => {
-                    tracing::debug!(request_id = %req.request_id, error = %m, "create outcome unknown; retrying with the same request id");
+                    tracing::debug!(request_id, error = %m, "outcome unknown; retrying with the same request id");
                     let first = ambiguous.get_or_insert(m).clone();
                     let delay = backoff.next_delay();
                     if start.elapsed() + delay >= self.options().retry_budget {
                         return Err(Error::Ambiguous(format!(
-                            "{first} (request id {}, {attempts} attempts in {:.1?})",
-                            req.request_id,
+                            "{first} (request id {request_id}, {attempts} attempts in {:.1?})",
                             start.elapsed()
                         )));
                     }
@@ -461,9 +511,8 @@ impl Client {
                 }
                 Error::Unavailable(m) if ambiguous.is_some() => {
                     return Err(Error::Ambiguous(format!(
-                        "{} (request id {}); then: {m}",
-                        ambiguous.unwrap_or_default(),
-                        req.request_id
+                        "{} (request id {request_id}); then: {m}",
+                        ambiguous.unwrap_or_default()
                     )));
                 }
                 e => return Err(e),

@@ -20,10 +20,6 @@ use crate::session::{Session, SessionHandle};
 use crate::watch::{WatchEventKind, WatchOptions};
 use crate::Result;
 
-/// How many times a create is retried after the directory vanished under it
-/// (a container is deleted once its last child goes).
-const CREATE_ATTEMPTS: u32 = 5;
-
 /// Wait before retrying a read in [`HeldNode::lost_or_deleted`].
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -247,9 +243,11 @@ pub(super) fn no_node() -> Error {
 }
 
 /// Creates the ephemeral-sequential node `DIR/PREFIX<seq>` with `data`,
-/// owned by session `session_id`, through [`Client::create_protected`] (a
-/// lost reply is retried without leaving an orphan). A missing `dir` is
-/// created as a container and the create retried.
+/// owned by session `session_id`, in one write: a transaction that also
+/// creates `dir` as a container (with missing parents) when it is missing
+/// (`exists(dir) ? create child : create dir + create child`, the same
+/// transaction the server's Lock service runs). It carries a request id,
+/// so a lost reply is retried without leaving an orphan.
 pub(super) async fn create_contender(
     client: &Client,
     dir: &str,
@@ -257,44 +255,43 @@ pub(super) async fn create_contender(
     session_id: u64,
     data: Vec<u8>,
 ) -> Result<proto::Node> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let r = client
-            .create_protected(proto::CreateRequest {
-                path: format!("{dir}/{prefix}"),
-                data: data.clone(),
-                session_id,
-                sequential: true,
-                ..Default::default()
-            })
-            .await;
-        match r {
-            Ok(r) => return r.node.ok_or_else(no_node),
-            Err(Error::NotFound(m)) if m.starts_with("session expired") => {
-                return Err(Error::SessionLost(m))
-            }
-            Err(Error::NotFound(_)) if attempt < CREATE_ATTEMPTS => {
-                ensure_container(client, dir).await?
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Creates `dir` (and missing parents) as a container; fine if it exists.
-pub(super) async fn ensure_container(client: &Client, dir: &str) -> Result<()> {
-    let r = client
-        .create_with(proto::CreateRequest {
+    let create = |r: proto::CreateRequest| proto::Op {
+        op: Some(proto::op::Op::Create(r)),
+    };
+    let child = create(proto::CreateRequest {
+        path: lockd_proto::layout::child_prefix(dir, prefix),
+        data,
+        session_id,
+        sequential: true,
+        ..Default::default()
+    });
+    let mkdir = create(proto::CreateRequest {
+        path: dir.to_string(),
+        parents: true,
+        container: true,
+        ..Default::default()
+    });
+    let req = proto::TxnRequest {
+        compare: vec![proto::Compare {
             path: dir.to_string(),
-            parents: true,
-            container: true,
-            ..Default::default()
-        })
-        .await;
-    match r {
-        Ok(_) | Err(Error::AlreadyExists(_)) | Err(Error::Ambiguous(_)) => Ok(()),
-        Err(e) => Err(e),
+            op: proto::compare::Op::Equal as i32,
+            target: Some(proto::compare::Target::Exists(true)),
+        }],
+        success: vec![child.clone()],
+        failure: vec![mkdir, child],
+        request_id: String::new(),
+        request_session_id: session_id,
+    };
+    let r = match client.txn_protected(req).await {
+        Ok(r) => r,
+        Err(Error::NotFound(m)) if m.starts_with("session expired") => {
+            return Err(Error::SessionLost(m))
+        }
+        Err(e) => return Err(e),
+    };
+    match r.results.into_iter().last().and_then(|o| o.result) {
+        Some(proto::op_result::Result::Create(c)) => c.node.ok_or_else(no_node),
+        _ => Err(no_node()),
     }
 }
 
