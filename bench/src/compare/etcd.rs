@@ -1014,16 +1014,7 @@ impl System for EtcdSystem {
     }
 
     fn connect_options(&self) -> ConnectOptions {
-        ConnectOptions {
-            endpoints: self.client_addrs.clone(),
-            session_ttl: Duration::from_secs(10),
-            rpc_timeout: Duration::from_secs(5),
-        }
-    }
-
-    fn prepare(&self) -> BoxFut<'_, Result<()>> {
-        // etcd keys need no parents.
-        Box::pin(async { Ok(()) })
+        ConnectOptions::new(self.client_addrs.clone())
     }
 
     fn leader(&self) -> BoxFut<'_, Result<usize>> {

@@ -177,15 +177,7 @@ impl System for LockdSystem {
     }
 
     fn connect_options(&self) -> ConnectOptions {
-        ConnectOptions {
-            endpoints: self.cluster.endpoints(),
-            session_ttl: Duration::from_secs(10),
-            rpc_timeout: Duration::from_secs(5),
-        }
-    }
-
-    fn prepare(&self) -> BoxFut<'_, Result<()>> {
-        Box::pin(async { Ok(()) })
+        ConnectOptions::new(self.cluster.endpoints())
     }
 
     fn leader(&self) -> BoxFut<'_, Result<usize>> {

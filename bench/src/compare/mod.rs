@@ -60,6 +60,16 @@ pub struct ConnectOptions {
 }
 
 impl ConnectOptions {
+    /// The same defaults for every system: session TTL 10 s, request
+    /// timeout 5 s (etcdctl's default command timeout).
+    pub fn new(endpoints: Vec<String>) -> ConnectOptions {
+        ConnectOptions {
+            endpoints,
+            session_ttl: Duration::from_secs(10),
+            rpc_timeout: Duration::from_secs(5),
+        }
+    }
+
     /// `endpoints` rotated left by `i`.
     pub fn rotated(&self, i: usize) -> ConnectOptions {
         let mut o = self.clone();
@@ -114,7 +124,9 @@ pub trait System: Send + Sync {
     /// Creates whatever the workloads' keys need beforehand (ZooKeeper:
     /// the parent nodes `/lockbench/w`, `/lockbench/r`, `/lockbench/locks`;
     /// others: nothing).
-    fn prepare(&self) -> BoxFut<'_, Result<()>>;
+    fn prepare(&self) -> BoxFut<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
     /// The current leader's member index (0-based); waits for one.
     fn leader(&self) -> BoxFut<'_, Result<usize>>;
     /// Process id of member `i`, if running.

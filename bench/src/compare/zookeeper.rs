@@ -613,11 +613,7 @@ impl System for ZooKeeper {
     }
 
     fn connect_options(&self) -> ConnectOptions {
-        ConnectOptions {
-            endpoints: self.endpoints(),
-            session_ttl: Duration::from_secs(10),
-            rpc_timeout: Duration::from_secs(10),
-        }
+        ConnectOptions::new(self.endpoints())
     }
 
     fn prepare(&self) -> BoxFut<'_, Result<()>> {

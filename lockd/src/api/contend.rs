@@ -87,9 +87,15 @@ fn request_id(session_id: u64, given: String) -> Result<RequestId, Status> {
     Ok(RequestId { session_id, id })
 }
 
-/// Proposes `txn`, retrying an ambiguous outcome (safe: the txn carries a
-/// request id, so a retry returns the first attempt's result).
-async fn run(node: &LockdNode, txn: Txn) -> Result<(Vec<OpResult>, bool, u64), Status> {
+/// Proposes `txn`; an ambiguous outcome is retried when that is safe:
+/// the txn carries a request id (a retry returns the first attempt's
+/// result) or `idempotent` says applying it twice does no harm.
+async fn run(
+    node: &LockdNode,
+    txn: Txn,
+    idempotent: bool,
+) -> Result<(Vec<OpResult>, bool, u64), Status> {
+    let retry_safe = idempotent || txn.request.is_some();
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -102,8 +108,7 @@ async fn run(node: &LockdNode, txn: Txn) -> Result<(Vec<OpResult>, bool, u64), S
                     ))),
                 }
             }
-            Err(NodeError::Ambiguous(_))
-                if attempt < AMBIGUOUS_RETRIES && txn.request.is_some() => {}
+            Err(NodeError::Ambiguous(_)) if retry_safe && attempt < AMBIGUOUS_RETRIES => {}
             Err(e) => return Err(node_status(e)),
         }
     }
@@ -131,23 +136,10 @@ pub async fn delete_if_token(
         request: None,
     };
     // A delete conditional on the token is idempotent: retrying an
-    // ambiguous one is safe, and a retry after success finds no node.
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match node.propose(crate::store::Command::Txn(txn.clone())).await {
-            Ok(applied) => {
-                return match applied.result.map_err(apply_status)? {
-                    AppliedResult::Txn(o) => Ok((o.succeeded, applied.revision)),
-                    other => Err(Status::internal(format!(
-                        "unexpected apply result {other:?}"
-                    ))),
-                }
-            }
-            Err(NodeError::Ambiguous(_)) if attempt < AMBIGUOUS_RETRIES => {}
-            Err(e) => return Err(node_status(e)),
-        }
-    }
+    // ambiguous one is safe (a retry after an applied first attempt finds
+    // no node and reports false).
+    let (_, deleted, rev) = run(node, txn, true).await?;
+    Ok((deleted, rev))
 }
 
 /// Deletes the contender when dropped unless disarmed: a waiter whose call
@@ -290,7 +282,7 @@ pub async fn contend(node: &NodeRef, mut c: Contend<'_>) -> Result<Held, Status>
         failure: vec![mk_dir, child],
         request: Some(request),
     };
-    let (mut results, _, mut revision) = run(node, txn).await?;
+    let (mut results, _, mut revision) = run(node, txn, false).await?;
     let ours = match results.pop() {
         Some(OpResult::Create(v)) => v,
         other => {
