@@ -1,4 +1,4 @@
-//! lockbench: benchmarks lockd (and later etcd and ZooKeeper).
+//! lockbench: benchmarks lockd, and lockd against etcd and ZooKeeper.
 //!
 //! * `lockbench run ...` drives an existing cluster.
 //! * `lockbench local [--quick|--smoke]` starts a 3-member lockd cluster with
@@ -39,7 +39,7 @@ use crate::workload::{Kind, Spec};
 #[command(
     name = "lockbench",
     version,
-    about = "Benchmarks lockd (later etcd and ZooKeeper)"
+    about = "Benchmarks lockd, and lockd against etcd and ZooKeeper"
 )]
 struct Cli {
     #[command(subcommand)]

@@ -14,7 +14,8 @@ use tonic::transport::{Channel, Endpoint};
 /// A boxed, sendable future (keeps the traits dyn-compatible).
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// A system that can be benchmarked (lockd now; etcd and ZooKeeper later).
+/// A system that can be benchmarked by `run` (lockd natively; etcd and
+/// ZooKeeper through the `compare` clients).
 pub trait Target: Send + Sync {
     /// Short name used in reports ("lockd").
     fn name(&self) -> &'static str;
@@ -38,8 +39,15 @@ pub trait TargetClient: Send {
 pub fn by_name(name: &str, rpc_timeout: Duration) -> Result<Box<dyn Target>> {
     match name {
         "lockd" => Ok(Box::new(Lockd { rpc_timeout })),
-        "etcd" | "zookeeper" => bail!("target {name:?} is not implemented yet"),
-        other => bail!("unknown target {other:?} (known: lockd)"),
+        "etcd" => Ok(Box::new(Peer {
+            kind: crate::compare::Kind::Etcd,
+            rpc_timeout,
+        })),
+        "zookeeper" => Ok(Box::new(Peer {
+            kind: crate::compare::Kind::Zookeeper,
+            rpc_timeout,
+        })),
+        other => bail!("unknown target {other:?} (known: lockd, etcd, zookeeper)"),
     }
 }
 
@@ -128,5 +136,62 @@ impl TargetClient for LockdClient {
 
     fn get_serializable<'a>(&'a mut self, key: &'a str) -> BoxFut<'a, Result<()>> {
         Box::pin(self.get(key, true))
+    }
+}
+
+/// etcd or ZooKeeper through `lockbench compare`'s clients (one connection,
+/// opened on first use, per client).
+pub struct Peer {
+    kind: crate::compare::Kind,
+    rpc_timeout: Duration,
+}
+
+impl Target for Peer {
+    fn name(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    fn connect(&self, endpoints: &[String], index: usize) -> Result<Box<dyn TargetClient>> {
+        if endpoints.is_empty() {
+            bail!("no endpoints");
+        }
+        let mut opts = crate::compare::ConnectOptions::new(endpoints.to_vec());
+        opts.rpc_timeout = self.rpc_timeout;
+        Ok(Box::new(PeerClient {
+            kind: self.kind,
+            opts,
+            index,
+            conn: None,
+        }))
+    }
+}
+
+struct PeerClient {
+    kind: crate::compare::Kind,
+    opts: crate::compare::ConnectOptions,
+    index: usize,
+    conn: Option<Box<dyn crate::compare::Conn>>,
+}
+
+impl PeerClient {
+    async fn conn(&mut self) -> Result<&mut Box<dyn crate::compare::Conn>> {
+        if self.conn.is_none() {
+            self.conn = Some(crate::compare::connect(self.kind, &self.opts, self.index).await?);
+        }
+        self.conn.as_mut().ok_or_else(|| anyhow!("not connected"))
+    }
+}
+
+impl TargetClient for PeerClient {
+    fn put<'a>(&'a mut self, key: &'a str, value: &'a [u8]) -> BoxFut<'a, Result<()>> {
+        Box::pin(async move { self.conn().await?.put(key, value).await })
+    }
+
+    fn get_linearizable<'a>(&'a mut self, key: &'a str) -> BoxFut<'a, Result<()>> {
+        Box::pin(async move { self.conn().await?.get(key, true).await })
+    }
+
+    fn get_serializable<'a>(&'a mut self, key: &'a str) -> BoxFut<'a, Result<()>> {
+        Box::pin(async move { self.conn().await?.get(key, false).await })
     }
 }

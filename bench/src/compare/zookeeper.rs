@@ -107,7 +107,23 @@ impl ZkConn {
             Err(e) => return Err(anyhow!(e).context(format!("setData {key}"))),
         }
         let opts = CreateMode::Persistent.with_acls(anyone_all());
-        match self.client.create(key, value, &opts).await {
+        let mut created = self.client.create(key, value, &opts).await;
+        if let Err(ZkError::NoNode) = created {
+            // A parent is missing (`lockbench run` against a bare
+            // ensemble): create the ancestors, then the node.
+            let mut path = String::new();
+            let parts: Vec<&str> = key.split('/').filter(|p| !p.is_empty()).collect();
+            for part in &parts[..parts.len().saturating_sub(1)] {
+                path.push('/');
+                path.push_str(part);
+                match self.client.create(&path, &[], &opts).await {
+                    Ok(_) | Err(ZkError::NodeExists) => {}
+                    Err(e) => return Err(anyhow!(e).context(format!("create {path}"))),
+                }
+            }
+            created = self.client.create(key, value, &opts).await;
+        }
+        match created {
             Ok(_) => Ok(()),
             // Another writer created it in between: replace its value.
             Err(ZkError::NodeExists) => {
