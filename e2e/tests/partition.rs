@@ -16,11 +16,7 @@ async fn returning_member_does_not_depose_the_leader() {
     bounded(Duration::from_secs(120), "partition", async {
         let leader = c.wait_for_leader(WAIT).await.expect("a leader");
         let term = c.status(leader).await.expect("status").term;
-        let cut = c
-            .ids()
-            .into_iter()
-            .find(|&i| i != leader)
-            .expect("a follower");
+        let cut = c.followers(leader)[0];
 
         // Freeze the follower: it hears nothing and its election timer runs
         // out. The pause is the length of the simulated partition (several

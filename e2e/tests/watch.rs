@@ -62,11 +62,7 @@ async fn leader_and_follower_watchers_see_identical_sequences() {
         .expect("start");
     bounded(Duration::from_secs(120), "identical sequences", async {
         let leader = c.wait_for_leader(WAIT).await.expect("leader");
-        let follower = c
-            .ids()
-            .into_iter()
-            .find(|&i| i != leader)
-            .expect("follower");
+        let follower = c.followers(leader)[0];
         let mut kv = c.kv(leader);
         let r0 = revision(&put(&mut kv, "/w/start", "x").await.expect("put").header);
         let on = |id: u64| {
@@ -308,11 +304,7 @@ async fn progress_notices_on_idle_watch() {
     .expect("start");
     bounded(Duration::from_secs(60), "progress", async {
         let leader = c.wait_for_leader(WAIT).await.expect("leader");
-        let follower = c
-            .ids()
-            .into_iter()
-            .find(|&i| i != leader)
-            .expect("follower");
+        let follower = c.followers(leader)[0];
         let rev = revision(
             &put(&mut c.kv(leader), "/p/other", "x")
                 .await
@@ -435,11 +427,7 @@ async fn subtree_watch_sees_children_created_and_deleted() {
         .expect("start");
     bounded(Duration::from_secs(60), "subtree", async {
         let leader = c.wait_for_leader(WAIT).await.expect("leader");
-        let follower = c
-            .ids()
-            .into_iter()
-            .find(|&i| i != leader)
-            .expect("follower");
+        let follower = c.followers(leader)[0];
         let mut kv = c.kv(leader);
         let r0 = revision(&put(&mut kv, "/dir", "").await.expect("put").header);
         let client = Client::connect([addr(&c, follower)]).expect("client");
@@ -555,11 +543,7 @@ async fn wait_caught_up_starts_after_everything_committed() {
         .expect("start 3 members");
     bounded(Duration::from_secs(90), "wait_caught_up", async {
         let leader = c.wait_for_leader(WAIT).await.expect("a leader");
-        let lagging = c
-            .ids()
-            .into_iter()
-            .find(|&i| i != leader)
-            .expect("follower");
+        let lagging = c.followers(leader)[0];
         c.signal(lagging, libc::SIGSTOP);
         let mut last = 0;
         for i in 0..50 {
