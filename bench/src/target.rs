@@ -104,6 +104,7 @@ impl LockdClient {
             .get(GetRequest {
                 path: key.to_string(),
                 serializable,
+                min_revision: 0,
             })
             .await
             .map_err(|s| anyhow!("get via {}: {}: {}", self.endpoint, s.code(), s.message()))?;

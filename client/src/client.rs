@@ -367,6 +367,7 @@ impl Client {
         self.get_with(proto::GetRequest {
             path: path.into(),
             serializable: false,
+            min_revision: 0,
         })
         .await
     }
@@ -407,6 +408,7 @@ impl Client {
         self.list_with(proto::ListRequest {
             path: path.into(),
             serializable: false,
+            min_revision: 0,
         })
         .await
     }

@@ -1220,6 +1220,7 @@ pub async fn verify_acked(kv: &mut KvClient<Channel>, acked: &[AckedWrite]) -> R
             .get(v1::GetRequest {
                 path: w.key.clone(),
                 serializable: false,
+                min_revision: 0,
             })
             .await
             .map_err(|e| {
@@ -1270,6 +1271,7 @@ pub async fn get(
     kv.get(v1::GetRequest {
         path: path.to_string(),
         serializable,
+        min_revision: 0,
     })
     .await
     .map(|r| r.into_inner())

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use lockd_e2e::v1::{CreateRequest, DeleteRequest, GetRequest, ListRequest, PutRequest};
+use lockd_e2e::v1::{
+    op, CreateRequest, DeleteRequest, GetRequest, ListRequest, Op, PutRequest, TxnRequest,
+};
 use lockd_e2e::{bounded, get, put, revision, Cluster, ClusterOptions};
 use tonic::Code;
 
@@ -86,6 +88,43 @@ async fn replication_and_forwarding() {
                 assert_eq!(revision(&g.header), prev, "member {id} reports revision");
                 assert_eq!(g.node.expect("node").data, b"11");
             }
+
+            // Read-your-writes without a leader round trip: a serializable
+            // read with min_revision answers from a state that includes the
+            // write, on whichever member it reaches right after the ack.
+            for (i, &id) in ids.iter().cycle().take(9).enumerate() {
+                let r = put(&mut c.kv(leader), "/app/ryw", format!("{i}"))
+                    .await
+                    .expect("put /app/ryw");
+                let rev = revision(&r.header);
+                let g = c
+                    .kv(id)
+                    .get(GetRequest {
+                        path: "/app/ryw".into(),
+                        serializable: true,
+                        min_revision: rev,
+                    })
+                    .await
+                    .expect("serializable get at min_revision")
+                    .into_inner();
+                assert!(
+                    revision(&g.header) >= rev,
+                    "member {id} answered below {rev}"
+                );
+                assert_eq!(g.node.expect("node").data, format!("{i}").as_bytes());
+                let l = c
+                    .kv(id)
+                    .list(ListRequest {
+                        path: "/app".into(),
+                        serializable: true,
+                        min_revision: rev,
+                    })
+                    .await
+                    .expect("serializable list at min_revision")
+                    .into_inner();
+                assert!(revision(&l.header) >= rev);
+                assert!(l.children.iter().any(|n| n.path == "/app/ryw"));
+            }
         },
     )
     .await;
@@ -154,6 +193,7 @@ async fn bad_input() {
                 .get(GetRequest {
                     path: p.into(),
                     serializable: false,
+                    min_revision: 0,
                 })
                 .await;
             assert_code(&format!("get {p:?}"), r, Code::InvalidArgument);
@@ -257,11 +297,26 @@ async fn bad_input() {
             .list(ListRequest {
                 path: "/data".into(),
                 serializable: false,
+                min_revision: 0,
             })
             .await
             .expect("list /data")
             .into_inner();
         assert_eq!(l.children.len(), 2, "children of /data: {:?}", l.children);
+        let in_txn = kv
+            .txn(TxnRequest {
+                success: vec![Op {
+                    op: Some(op::Op::Get(GetRequest {
+                        path: "/data/x".into(),
+                        serializable: false,
+                        min_revision: good_rev,
+                    })),
+                }],
+                ..Default::default()
+            })
+            .await;
+        let msg = assert_code("txn get with min_revision", in_txn, Code::InvalidArgument);
+        assert!(msg.contains("min_revision"), "{msg}");
         assert_code(
             "get oversized never stored",
             get(&mut kv, "/data/big", false).await,

@@ -63,6 +63,7 @@ async fn lookup(kv: &mut KvClient<Channel>, path: &str) -> Option<Node> {
         .get(GetRequest {
             path: path.to_string(),
             serializable: false,
+            min_revision: 0,
         })
         .await
     {
@@ -76,6 +77,7 @@ async fn children(kv: &mut KvClient<Channel>, path: &str) -> Vec<String> {
     kv.list(ListRequest {
         path: path.to_string(),
         serializable: false,
+        min_revision: 0,
     })
     .await
     .unwrap_or_else(|e| panic!("list {path}: {e}"))

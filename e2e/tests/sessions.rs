@@ -98,6 +98,7 @@ async fn lookup(
         .get(GetRequest {
             path: path.to_string(),
             serializable,
+            min_revision: 0,
         })
         .await
     {
@@ -319,6 +320,7 @@ async fn close_deletes_ephemerals_at_one_revision() {
             .list(ListRequest {
                 path: "/close".into(),
                 serializable: false,
+                min_revision: 0,
             })
             .await
             .expect("list before close")
@@ -340,6 +342,7 @@ async fn close_deletes_ephemerals_at_one_revision() {
                 .list(ListRequest {
                     path: "/close".into(),
                     serializable: false,
+                    min_revision: 0,
                 })
                 .await
                 .unwrap_or_else(|e| panic!("list via {id}: {e}"))
@@ -832,6 +835,7 @@ async fn sessions_survive_snapshot_install() {
                 .list(ListRequest {
                     path: "/snap/q".into(),
                     serializable: false,
+                    min_revision: 0,
                 })
                 .await
                 .expect("list")

@@ -67,6 +67,7 @@ impl Conn for LockdConn {
                 .get_with(proto::GetRequest {
                     path: key.to_string(),
                     serializable: !linearizable,
+                    min_revision: 0,
                 })
                 .await
                 .map_err(|e| err("get", e))?;
@@ -114,6 +115,7 @@ impl Conn for LockdConn {
                 .get_with(proto::GetRequest {
                     path: key.to_string(),
                     serializable: false,
+                    min_revision: 0,
                 })
                 .await
                 .map_err(|e| err("get before watch", e))?

@@ -108,6 +108,11 @@ enum Cmd {
         /// Read the contacted member's local state (may be stale).
         #[arg(long)]
         serializable: bool,
+        /// Answer only from a state that includes this revision (e.g. the
+        /// revision a write of yours returned); with --serializable, a
+        /// read-your-writes read without a leader round trip.
+        #[arg(long, default_value_t = 0)]
+        min_revision: u64,
     },
     /// Create KEY with VALUE; fails if it exists. Prints OK, or the created
     /// path with --ephemeral, --sequential or --container.
@@ -146,6 +151,11 @@ enum Cmd {
         /// Read the contacted member's local state (may be stale).
         #[arg(long)]
         serializable: bool,
+        /// Answer only from a state that includes this revision (e.g. the
+        /// revision a write of yours returned); with --serializable, a
+        /// read-your-writes read without a leader round trip.
+        #[arg(long, default_value_t = 0)]
+        min_revision: u64,
     },
     /// Run a transaction read from stdin (see --help for the format).
     #[command(long_about = TXN_HELP)]
@@ -478,11 +488,16 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         Cmd::Lock(args) => lock::lock(&client, out, args).await?,
         Cmd::Elect(args) => elect::elect(&client, out, args).await?,
         Cmd::Session { cmd } => session::session_cmd(&client, out, cmd).await?,
-        Cmd::Get { key, serializable } => {
+        Cmd::Get {
+            key,
+            serializable,
+            min_revision,
+        } => {
             let r = client
                 .get_with(proto::GetRequest {
                     path: key.clone(),
                     serializable,
+                    min_revision,
                 })
                 .await
                 .map_err(not_found_on(&key))?;
@@ -516,11 +531,16 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                 println!("{}", r.deleted);
             }
         }
-        Cmd::Ls { path, serializable } => {
+        Cmd::Ls {
+            path,
+            serializable,
+            min_revision,
+        } => {
             let r = client
                 .list_with(proto::ListRequest {
                     path: path.clone(),
                     serializable,
+                    min_revision,
                 })
                 .await
                 .map_err(not_found_on(&path))?;

@@ -130,9 +130,25 @@ impl Queue {
             .iter()
             .map(|p| format!("{}/{p}", self.dir))
             .collect();
+        // Every list reads a state that includes our create (and, after a
+        // wake-up, the deletion that woke us). That is all the decision
+        // needs: contenders ahead of us were created before us and never
+        // come back once deleted, so any member's state at or after that
+        // revision answers "is anyone ahead of us?" exactly as a
+        // linearizable read would, without the leader round trip. (0: a
+        // linearizable list.)
+        let mut min_revision = token;
         loop {
             self.lists.fetch_add(1, Ordering::Relaxed);
-            let list = match self.client.list(self.dir.clone()).await {
+            let listed = self
+                .client
+                .list_with(proto::ListRequest {
+                    path: self.dir.clone(),
+                    serializable: min_revision > 0,
+                    min_revision,
+                })
+                .await;
+            let list = match listed {
                 Ok(l) => l,
                 // The directory exists as long as our node does.
                 Err(Error::NotFound(_)) => {
@@ -201,7 +217,7 @@ impl Queue {
                                 .iter()
                                 .any(|p| seq_of(p, path).is_some_and(|s| s < our_seq));
                             if matches!(decision, Decision::WaitFor(_)) || earlier {
-                                return Ok(());
+                                return Ok(ev.revision);
                             }
                         }
                         Ok(_) => {}
@@ -211,8 +227,10 @@ impl Queue {
             };
             tokio::select! {
                 r = woken => match r {
-                    // History gone: the next list tells the current state.
-                    Ok(()) | Err(Error::Compacted { .. }) => {}
+                    Ok(rev) => min_revision = min_revision.max(rev),
+                    // History gone: a linearizable list tells the current
+                    // state.
+                    Err(Error::Compacted { .. }) => min_revision = 0,
                     Err(e) => {
                         cleanup.now().await;
                         return Err(e);

@@ -103,6 +103,11 @@ fn op(o: pb::Op, limits: &Limits) -> Result<Op, Status> {
         Some(pb::op::Op::Delete(r)) => delete(r, limits),
         Some(pb::op::Op::Get(r)) => {
             key(&r.path, limits)?;
+            if r.min_revision > 0 {
+                return Err(Status::invalid_argument(
+                    "min_revision is not allowed on a get inside a txn (the txn reads the state it applies to)",
+                ));
+            }
             Ok(Op::Get { path: r.path })
         }
         None => Err(Status::invalid_argument("txn op has no operation set")),

@@ -51,7 +51,13 @@ impl KvService {
         Ok((r, rev))
     }
 
-    async fn barrier(&self, serializable: bool) -> Result<(), Status> {
+    /// Waits until this member may serve a read: it has applied
+    /// `min_revision` (0: no bound), and, unless `serializable`, a
+    /// linearizable read barrier has passed.
+    async fn barrier(&self, serializable: bool, min_revision: u64) -> Result<(), Status> {
+        if min_revision > 0 {
+            super::contend::applied(&self.node, min_revision).await?;
+        }
         if serializable {
             return Ok(());
         }
@@ -103,7 +109,7 @@ impl Kv for KvService {
         observe(&self.node, "KV/Get", async {
             let req = req.into_inner();
             convert::read_path(&req.path, &self.node.config.limits)?;
-            self.barrier(req.serializable).await?;
+            self.barrier(req.serializable, req.min_revision).await?;
             let (node, rev) = {
                 let data = self.node.sm.read();
                 (data.state.get(&req.path), data.state.revision())
@@ -143,7 +149,7 @@ impl Kv for KvService {
         observe(&self.node, "KV/List", async {
             let req = req.into_inner();
             convert::read_path(&req.path, &self.node.config.limits)?;
-            self.barrier(req.serializable).await?;
+            self.barrier(req.serializable, req.min_revision).await?;
             let (listed, rev) = {
                 let data = self.node.sm.read();
                 (data.state.list(&req.path), data.state.revision())

@@ -321,6 +321,7 @@ fn parse_op(toks: &[Token]) -> Result<proto::Op, String> {
             op::Op::Get(proto::GetRequest {
                 path: p,
                 serializable: false,
+                min_revision: 0,
             })
         }
         other => {
