@@ -223,8 +223,21 @@ async fn sigterm_clean() {
             .await
             .expect("leader exits on SIGTERM");
         assert_eq!(st.code(), Some(0), "leader exit status {st}");
+        // It handed leadership over before it exited: the survivors already
+        // follow a new leader (after a crash they would still name the old
+        // one until their election timeout).
+        let mut named = Vec::new();
+        for id in c.followers(leader) {
+            let s = c.status(id).await.expect("survivor status");
+            named.push(s.leader_id);
+        }
+        assert!(
+            named.iter().all(|l| *l != 0 && *l != leader) && named[0] == named[1],
+            "survivors name leaders {named:?} right after leader {leader} exited"
+        );
         let new_leader = c.wait_for_leader(WAIT).await.expect("new leader");
         assert_ne!(new_leader, leader);
+        assert_eq!(new_leader, named[0]);
         put(&mut c.kv(follower), "/t/b", "b")
             .await
             .expect("write after the leader left");

@@ -258,6 +258,8 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         let mut c = Config::new(*id, args.data_dir.join(format!("node-{id}")), listen);
         c.http_listen = Some(http);
         c.initial_members = members.clone();
+        // Every member stops at once: nobody to hand leadership to.
+        c.hand_over_on_shutdown = false;
         let mut stop = stop_tx.subscribe();
         tasks.push(tokio::spawn(server::run(c, Metrics::new(), async move {
             let _ = stop.recv().await;

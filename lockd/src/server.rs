@@ -88,10 +88,19 @@ pub async fn run(
     let mut fatal = node.fatal();
     let watcher = {
         let stop_tx = stop_tx.clone();
+        let node = node.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = shutdown => {}
-                _ = fatal.wait_for(|f| f.is_some()) => {}
+            let graceful = tokio::select! {
+                _ = shutdown => true,
+                _ = fatal.wait_for(|f| f.is_some()) => false,
+            };
+            if graceful && node.config.hand_over_on_shutdown {
+                // Still serving: in-flight writes finish and the new leader
+                // can be reached while leadership moves.
+                let within = node.config.election_timeout * 2;
+                if let Some(to) = node.hand_over_leadership(within).await {
+                    tracing::info!(new_leader = to, "leadership handed over");
+                }
             }
             let _ = stop_tx.send(true);
         })
