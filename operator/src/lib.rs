@@ -1,0 +1,3 @@
+//! The LockCluster operator.
+
+pub mod plan;

@@ -1,0 +1,3 @@
+//! `lockd-operator`: runs the LockCluster controller.
+
+fn main() {}
