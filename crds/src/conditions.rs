@@ -17,14 +17,18 @@ pub const QUORUM_AT_RISK: &str = "QuorumAtRisk";
 /// True when a member's data belongs to another lockd cluster id than
 /// `status.clusterId`; the operator does not adopt it.
 pub const CLUSTER_ID_MISMATCH: &str = "ClusterIDMismatch";
+/// True when the spec cannot be acted on (e.g. an even replica count that
+/// got past admission); the operator changes nothing until it is fixed.
+pub const INVALID_SPEC: &str = "InvalidSpec";
 
 /// Every condition type the operator sets, in display order.
-pub const ALL_TYPES: [&str; 5] = [
+pub const ALL_TYPES: [&str; 6] = [
     AVAILABLE,
     PROGRESSING,
     DEGRADED,
     QUORUM_AT_RISK,
     CLUSTER_ID_MISMATCH,
+    INVALID_SPEC,
 ];
 
 /// Status of a condition.

@@ -88,6 +88,11 @@ pub struct LockClusterStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<String>,
 
+    /// True once the cluster has been initialized. From then on the
+    /// operator never initializes it again, even if no member answers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bootstrapped: bool,
+
     /// Standard Kubernetes conditions, one per type: Available, Progressing,
     /// Degraded, QuorumAtRisk, ClusterIDMismatch (default: empty).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -156,6 +161,12 @@ pub struct MemberStatus {
     /// unset when unknown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<u64>,
+
+    /// Random id of the member's data directory, recorded when the member
+    /// first joined. A member that later reports another one has lost its
+    /// volume and is replaced under a new node id, never readmitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
 }
 
 /// Raft role of a member.
@@ -217,6 +228,7 @@ mod tests {
                     version: Some("0.1.0".into()),
                     ready: true,
                     lag: Some(0),
+                    instance_id: Some("a1".into()),
                 },
                 MemberStatus {
                     pod: "demo-2".into(),
@@ -225,12 +237,14 @@ mod tests {
                     version: Some("0.1.0".into()),
                     ready: true,
                     lag: None,
+                    instance_id: None,
                 },
             ],
             current_version: Some("0.1.0".into()),
             target_version: None,
             next_member_id: Some(4),
             cluster_id: Some("ns-demo-7f3a".into()),
+            bootstrapped: true,
             conditions: Vec::new(),
         };
         assert!(status.set_condition(conditions::new(

@@ -1,3 +1,8 @@
 //! The LockCluster operator.
 
+pub mod controller;
+pub mod lease;
+pub mod lockd_admin;
+pub mod metrics;
 pub mod plan;
+pub mod resources;
