@@ -52,6 +52,8 @@ pub const CAUGHT_UP_LAG: u64 = 100;
 pub const REQUEUE_ACTIVE: Duration = Duration::from_secs(2);
 /// Next pass at rest: catches lockd-side changes that no watch reports.
 pub const REQUEUE_IDLE: Duration = Duration::from_secs(30);
+/// Label on a volume kept after its member was removed (retention Retain).
+pub const RETIRED_LABEL: &str = "lockd.dev/retired";
 /// Timeout of one member status probe.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -274,8 +276,8 @@ pub async fn observe(
     }
     for pvc in pvcs.list(&lp).await? {
         // A volume being deleted is as good as gone: its member must not
-        // be restarted on it.
-        if pvc.metadata.deletion_timestamp.is_some() {
+        // be restarted on it. A retired volume belongs to no member.
+        if pvc.metadata.deletion_timestamp.is_some() || pvc.labels().contains_key(RETIRED_LABEL) {
             continue;
         }
         if let Some(id) = node_id_of(&name, &pvc) {
@@ -363,7 +365,9 @@ pub fn to_observed(lc: &LockCluster, obs: &Observation, cluster_id: &str) -> Obs
                 version: pod
                     .and_then(|p| p.annotations().get(resources::TEMPLATE_HASH_ANNOTATION))
                     .cloned(),
-                status: st.map(crate::lockd_admin::member_status),
+                status: st
+                    .map(crate::lockd_admin::member_status)
+                    .or_else(|| pod.and_then(refused_foreign_data)),
             }
         })
         .collect();
@@ -375,6 +379,33 @@ pub fn to_observed(lc: &LockCluster, obs: &Observation, cluster_id: &str) -> Obs
         members,
         raft,
     }
+}
+
+/// A member whose data dir belongs to another cluster does not start: lockd
+/// exits with "data dir ... belongs to cluster \"X\" ...", which Kubernetes
+/// keeps as the container's termination message. Seen that way, the member
+/// is reported as belonging to cluster X, so the planner flags it
+/// (ClusterIDMismatch) and never admits or deletes it.
+pub fn refused_foreign_data(pod: &Pod) -> Option<plan::MemberStatus> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    statuses.iter().find_map(|c| {
+        let terminated = c
+            .last_state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .or_else(|| c.state.as_ref().and_then(|s| s.terminated.as_ref()))?;
+        let message = terminated.message.as_deref()?;
+        let rest = &message[message.find("belongs to cluster \"")? + 20..];
+        let recorded = &rest[..rest.find('"')?];
+        Some(plan::MemberStatus {
+            cluster_id: recorded.to_string(),
+            initialized: true,
+            role: plan::Role::Uninitialized,
+            term: 0,
+            leader_id: None,
+            applied_index: 0,
+        })
+    })
 }
 
 /// Where each member is reached.
@@ -479,16 +510,36 @@ async fn execute(
         }
         Action::DeleteMember { id, delete_volume } => {
             delete_ignoring_absent(pods, &names::pod_name(&name, *id)).await?;
+            let pvc = names::pvc_name(&name, *id);
             if *delete_volume {
-                delete_ignoring_absent(pvcs, &names::pvc_name(&name, *id)).await?;
+                delete_ignoring_absent(pvcs, &pvc).await
+            } else {
+                retire_volume(pvcs, &pvc).await
             }
-            Ok(())
         }
         Action::Initialize { .. }
         | Action::AddLearner { .. }
         | Action::ChangeVoters { .. }
         | Action::RemoveMember { .. }
         | Action::TransferLeader { .. } => lockd.act(action, targets).await.map_err(Error::Lockd),
+    }
+}
+
+/// Marks a volume kept after its member left (`whenScaled: Retain`) so it
+/// is no longer observed as a member: otherwise a pod-less member with a
+/// volume looks like one still starting, and its pod would be recreated on
+/// the old data. The volume keeps its other labels, so it is easy to find.
+async fn retire_volume(pvcs: &Api<PersistentVolumeClaim>, name: &str) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "metadata": { "labels": { RETIRED_LABEL: "true" } }
+    });
+    match pvcs
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -664,4 +715,46 @@ pub async fn write_status(
     )
     .await?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus,
+    };
+
+    fn pod_terminated_with(message: &str) -> Pod {
+        Pod {
+            status: Some(PodStatus {
+                container_statuses: Some(vec![ContainerStatus {
+                    name: "lockd".into(),
+                    last_state: Some(ContainerState {
+                        terminated: Some(ContainerStateTerminated {
+                            exit_code: 1,
+                            message: Some(message.into()),
+                            ..ContainerStateTerminated::default()
+                        }),
+                        ..ContainerState::default()
+                    }),
+                    ..ContainerStatus::default()
+                }]),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        }
+    }
+
+    #[test]
+    fn a_refused_foreign_data_dir_reads_as_the_other_cluster() {
+        let p = pod_terminated_with(
+            "lockd: data dir /var/lib/lockd/data belongs to cluster \"demo-1111\", \
+             but this member was started with --cluster-id \"demo-2222\"",
+        );
+        let s = refused_foreign_data(&p).expect("recognised");
+        assert_eq!(s.cluster_id, "demo-1111");
+        assert!(s.initialized);
+        assert!(refused_foreign_data(&pod_terminated_with("out of memory")).is_none());
+        assert!(refused_foreign_data(&Pod::default()).is_none());
+    }
 }

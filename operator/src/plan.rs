@@ -205,8 +205,9 @@ pub enum VolumeState {
     /// No volume exists.
     Absent,
     /// The volume exists but the member's data is gone: it reports an
-    /// instance id other than the recorded one, or reports itself
-    /// uninitialized although it is in the membership.
+    /// instance id other than the recorded one. (Not "reports itself
+    /// uninitialized while in the membership": a learner just added does
+    /// exactly that until the leader's first replication reaches it.)
     Lost,
 }
 
@@ -437,8 +438,11 @@ pub struct Health {
 /// 1. No raft view, no sign of an initialized cluster and a valid spec:
 ///    `Pending` while no member exists (foreign ones aside), else
 ///    `Bootstrapping`.
-/// 2. `Failed` (needs a human): quorum lost, invalid spec, or a foreign
-///    member inside the membership.
+/// 2. `Failed` (needs a human): quorum lost with no leader, invalid spec,
+///    or a foreign member inside the membership. When a quorum of voters
+///    is up and answering but too few count as caught up (often for one
+///    pass after a leadership change, while the new leader learns its
+///    followers' progress): `Degraded`.
 /// 3. `Scaling` while a joint-consensus change is in flight.
 /// 4. `Degraded` while a lost member is being replaced.
 /// 5. `Upgrading` while some member runs an outdated version.

@@ -988,6 +988,67 @@ async fn upgrade_tightens_the_budget_then_restarts_one_follower() {
     assert_eq!(progressing.message, "restart member 2");
 }
 
+#[tokio::test]
+async fn scale_down_with_retained_volumes_retires_them() {
+    // Member 4 was removed from the membership (scale-down 5 -> 3 with
+    // whenScaled: Retain); its pod and volume are left to clean up.
+    let (settled, mut pods, mut pvcs, lockd) = settled_three("0.1.0");
+    let lc = edited(&settled, |s| {
+        s.storage.retention.when_scaled = lockd_crds::RetentionAction::Retain
+    });
+    pods.push(running_pod(&lc, 4, true));
+    pvcs.push(pvc(&lc, 4));
+    let mut removed = raft_status(&cid(&lc), 4, 1, &[1, 2, 3]);
+    removed.role = Role::Follower as i32;
+    let lockd = Arc::new(lockd.answer(4, removed));
+    let retire = Method::PATCH;
+    let stored_pvc = to_json(&pvcs[3]);
+    let script = Script::default()
+        .observe(&pods, &pvcs)
+        .singletons(stored_singletons(&lc, 2), [false, false, false, true])
+        .delete(pod_path(4), to_json(&pods[3]))
+        .step(retire, pvc_path(4), move |seen| {
+            assert_eq!(
+                seen.content_type.as_deref(),
+                Some("application/merge-patch+json")
+            );
+            assert_eq!(
+                seen.body["metadata"]["labels"][controller::RETIRED_LABEL],
+                "true"
+            );
+            (StatusCode::OK, stored_pvc)
+        })
+        .status_patch(&lc);
+    let (result, log) = run(&lc, script, lockd.clone(), false).await;
+    result.expect("pass succeeds");
+    assert!(lockd.acts().is_empty());
+    assert!(writes(&log).contains(&format!("DELETE {}", pod_path(4))));
+
+    // Next pass: the retired volume is no member; the cluster is at rest.
+    let mut retired = pvc(&lc, 4);
+    retired
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(controller::RETIRED_LABEL.to_string(), "true".to_string());
+    pvcs[3] = retired;
+    pods.truncate(3);
+    let script = Script::default()
+        .observe(&pods, &pvcs)
+        .singletons(stored_singletons(&lc, 2), [false, false, false, false])
+        .status_patch(&lc);
+    let (result, log) = run(&lc, script, lockd.clone(), false).await;
+    assert_eq!(
+        result.expect("pass succeeds"),
+        Requeue::requeue(REQUEUE_IDLE)
+    );
+    assert_eq!(
+        writes(&log),
+        vec![format!("PATCH {}", status_path())],
+        "nothing but the status: the retired volume is no member"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 5. Membership action through lockd.
 

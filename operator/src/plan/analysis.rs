@@ -185,6 +185,27 @@ impl<'a> Analysis<'a> {
         }
     }
 
+    /// Members (voters, learners) that are not healthy, plus pending ones.
+    pub(super) fn unhealthy_or_pending(&self) -> BTreeSet<NodeId> {
+        let mut out: BTreeSet<NodeId> = self
+            .voters
+            .union(&self.learners)
+            .copied()
+            .filter(|id| !self.healthy.contains(id))
+            .collect();
+        out.extend(&self.pending);
+        out
+    }
+
+    /// Voters that are up and answering for our cluster, caught up or not:
+    /// with a quorum of them, a leader can commit (the others just trail).
+    pub(super) fn serving_voters(&self) -> usize {
+        self.voters
+            .iter()
+            .filter(|id| self.members.get(id).is_some_and(|m| self.member_ok(m)))
+            .count()
+    }
+
     pub(super) fn quorum(&self) -> usize {
         quorum(self.voters.len())
     }

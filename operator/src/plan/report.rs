@@ -24,13 +24,7 @@ pub(super) fn finish(a: &Analysis<'_>, p: Planner<'_, '_>) -> Plan {
 
 fn health(a: &Analysis<'_>) -> Health {
     let quorum = if a.raft.is_some() { a.quorum() } else { 0 };
-    let mut unhealthy: BTreeSet<u64> = a
-        .voters
-        .union(&a.learners)
-        .copied()
-        .filter(|id| !a.healthy.contains(id))
-        .collect();
-    unhealthy.extend(&a.pending);
+    let unhealthy = a.unhealthy_or_pending();
     Health {
         leader: a.leader(),
         voters: a.voters.clone(),
@@ -85,6 +79,11 @@ fn phase(a: &Analysis<'_>, p: &Planner<'_, '_>, h: &Health) -> Phase {
                 Phase::Bootstrapping
             }
         }
+        // A leader still leads (it was elected by a quorum): too few voters
+        // look healthy, often for one pass right after a leadership change
+        // while the new leader learns its followers' progress. Degraded,
+        // not Failed ("needs a human").
+        Mode::QuorumLost if a.serving_voters() >= a.quorum() => Phase::Degraded,
         Mode::QuorumLost | Mode::Frozen(Freeze::InvalidSpec | Freeze::ForeignMember) => {
             Phase::Failed
         }

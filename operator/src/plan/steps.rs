@@ -412,13 +412,7 @@ impl<'a, 'b> Planner<'a, 'b> {
         }
         // Everything outdated is healthy. Restart only a fully healthy,
         // settled cluster.
-        let mut unhealthy: BTreeSet<NodeId> = a
-            .voters
-            .union(&a.learners)
-            .copied()
-            .filter(|id| !a.healthy.contains(id))
-            .collect();
-        unhealthy.extend(&a.pending);
+        let mut unhealthy = a.unhealthy_or_pending();
         unhealthy.extend(&a.lost);
         if !unhealthy.is_empty() {
             self.block(

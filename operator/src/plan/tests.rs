@@ -769,6 +769,16 @@ fn quorum_lost_with_leader_only_recreates_pods() {
     assert_eq!(p.phase, Phase::Failed);
 }
 
+#[test]
+fn lagging_but_serving_voters_are_degraded_not_failed() {
+    // Right after a leadership change the new leader reports its followers
+    // far behind until it has matched them: no action, but not "Failed".
+    let w = W::cluster(&[1, 2, 3], 1).lag(2, 10_000).lag(3, 10_000);
+    let p = w.plan(&desired(3));
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    assert_eq!(p.phase, Phase::Degraded);
+}
+
 // ---- rule 8: cluster id mismatch --------------------------------------------
 
 #[test]
