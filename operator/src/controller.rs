@@ -141,6 +141,8 @@ pub struct Context {
     pub recorder: Option<Recorder>,
     /// Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Retry delays after failed passes.
+    pub backoff: Backoff,
 }
 
 /// What one pass observed.
@@ -161,9 +163,12 @@ pub async fn reconcile(lc: Arc<LockCluster>, ctx: Arc<Context>) -> Result<Requeu
         cluster = %lc.name_any(),
         namespace = %lc.namespace().unwrap_or_default()
     );
-    let metrics = ctx.metrics.clone();
-    let r = reconcile_pass(lc, ctx).instrument(span).await;
+    let (metrics, key) = (ctx.metrics.clone(), backoff_key(&lc));
+    let r = reconcile_pass(lc, ctx.clone()).instrument(span).await;
     metrics.reconciled(r.is_ok());
+    if r.is_ok() {
+        ctx.backoff.succeeded(&key);
+    }
     r
 }
 
@@ -239,10 +244,50 @@ async fn reconcile_pass(lc: Arc<LockCluster>, ctx: Arc<Context>) -> Result<Reque
     }
 }
 
-/// Requeue policy after a failed pass.
-pub fn error_policy(lc: Arc<LockCluster>, error: &Error, _ctx: Arc<Context>) -> Requeue {
-    tracing::warn!(cluster = %lc.name_any(), %error, "reconcile failed");
-    Requeue::requeue(Duration::from_secs(5))
+/// Requeue policy after a failed pass: exponential backoff per
+/// LockCluster (1 s, 2 s, 4 s, ... up to [`Backoff::MAX`]), reset by the
+/// next successful pass.
+pub fn error_policy(lc: Arc<LockCluster>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    let delay = ctx.backoff.failed(&backoff_key(&lc));
+    tracing::warn!(cluster = %lc.name_any(), %error, retry_in = ?delay, "reconcile failed");
+    Requeue::requeue(delay)
+}
+
+fn backoff_key(lc: &LockCluster) -> String {
+    format!("{}/{}", lc.namespace().unwrap_or_default(), lc.name_any())
+}
+
+/// Consecutive failed passes per LockCluster.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    failures: std::sync::Mutex<BTreeMap<String, u32>>,
+}
+
+impl Backoff {
+    /// First retry delay.
+    pub const MIN: Duration = Duration::from_secs(1);
+    /// Longest retry delay.
+    pub const MAX: Duration = Duration::from_secs(300);
+
+    /// Records a failure of `key`; returns how long to wait before retrying.
+    pub fn failed(&self, key: &str) -> Duration {
+        let mut f = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = f.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        let factor = 1u32 << (*n - 1).min(16);
+        (Backoff::MIN * factor).min(Backoff::MAX)
+    }
+
+    /// Records a success of `key`: the next failure starts over.
+    pub fn succeeded(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
 }
 
 fn node_id_of<K: Resource>(cluster: &str, obj: &K) -> Option<u64> {
@@ -743,6 +788,16 @@ mod tests {
             }),
             ..Pod::default()
         }
+    }
+
+    #[test]
+    fn failed_passes_back_off_exponentially_per_cluster_until_a_success() {
+        let b = Backoff::default();
+        let delays: Vec<u64> = (0..12).map(|_| b.failed("ns/a").as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(b.failed("ns/b"), Backoff::MIN, "per cluster");
+        b.succeeded("ns/a");
+        assert_eq!(b.failed("ns/a"), Backoff::MIN, "a success starts over");
     }
 
     #[test]

@@ -137,6 +137,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         lockd: Arc::new(GrpcLockd::new(controller::PROBE_TIMEOUT)),
         recorder: Some(recorder),
         metrics: metrics.clone(),
+        backoff: Default::default(),
     });
     let controller = Controller::new(clusters, watcher::Config::default())
         .owns(child::<Pod>(&client, &ns), owned.clone())

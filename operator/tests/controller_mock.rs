@@ -413,6 +413,7 @@ async fn run(
         lockd,
         recorder,
         metrics: Arc::new(Metrics::default()),
+        backoff: Default::default(),
     });
     let result = tokio::time::timeout(LIMIT, reconcile(Arc::new(lc.clone()), ctx))
         .await
