@@ -228,7 +228,7 @@ async fn reconcile_pass(lc: Arc<LockCluster>, ctx: Arc<Context>) -> Result<Reque
     }
 
     // Status, every pass (written only when it changed).
-    let status = build_status(&lc, &obs, &p, &cluster_id, failure.as_ref());
+    let status = build_status(&lc, &obs, &observed, &p, failure.as_ref());
     let written = write_status(&lc, &ns, &client, status).await;
     match failure {
         Some(e) => {
@@ -646,22 +646,22 @@ fn phase_of(p: plan::Phase) -> LockClusterPhase {
 pub fn build_status(
     lc: &LockCluster,
     obs: &Observation,
+    observed: &Observed,
     p: &plan::Plan,
-    cluster_id: &str,
     failure: Option<&Error>,
 ) -> LockClusterStatus {
     let name = lc.name_any();
     let old = lc.status.clone().unwrap_or_default();
     let generation = lc.metadata.generation;
-    let leader_status = crate::lockd_admin::pick_leader_status(obs.statuses.values());
-    let view = leader_status.and_then(crate::lockd_admin::raft_view);
+    let cluster_id = observed.cluster_id.as_str();
+    let view = observed.raft.as_ref();
     let recorded = recorded_instances(lc);
     let ids: BTreeSet<u64> = obs.pods.keys().chain(obs.pvcs.keys()).copied().collect();
     let members = ids
         .iter()
         .map(|&id| {
             let pod = obs.pods.get(&id);
-            let role = match &view {
+            let role = match view {
                 Some(v) if v.leader == id => MemberRole::Leader,
                 Some(v) if v.voters.contains(&id) => MemberRole::Follower,
                 Some(v) if v.learners.contains(&id) => MemberRole::Learner,
@@ -684,7 +684,7 @@ pub fn build_status(
                     .and_then(|p| p.labels().get("app.kubernetes.io/version"))
                     .cloned(),
                 ready: matches!(pod_state(pod), PodState::Running { ready: true }),
-                lag: view.as_ref().and_then(|v| v.lag.get(&id).copied()),
+                lag: view.and_then(|v| v.lag.get(&id).copied()),
                 instance_id,
             }
         })
@@ -718,10 +718,10 @@ pub fn build_status(
         ready_replicas: i32::try_from(members.iter().filter(|m| m.ready).count())
             .unwrap_or(i32::MAX),
         selector: Some(names::selector_string(&name)),
-        leader: view.as_ref().map(|v| names::pod_name(&name, v.leader)),
-        leader_id: view.as_ref().map(|v| v.leader),
-        term: view.as_ref().map(|v| v.term),
-        commit_index: view.as_ref().map(|v| v.commit_index),
+        leader: view.map(|v| names::pod_name(&name, v.leader)),
+        leader_id: view.map(|v| v.leader),
+        term: view.map(|v| v.term),
+        commit_index: view.map(|v| v.commit_index),
         current_version: (versions.len() == 1)
             .then(|| versions.iter().next().map(|v| (*v).clone()))
             .flatten(),

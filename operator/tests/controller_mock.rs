@@ -672,12 +672,9 @@ fn status_after_pass(
             })
             .collect(),
     };
-    let cid = cid(lc);
-    let p = plan::plan(
-        &controller::desired(lc),
-        &controller::to_observed(lc, &obs, &cid),
-    );
-    build_status(lc, &obs, &p, &cid, None)
+    let observed = controller::to_observed(lc, &obs, &cid(lc));
+    let p = plan::plan(&controller::desired(lc), &observed);
+    build_status(lc, &obs, &observed, &p, None)
 }
 
 /// A settled 3-member cluster of `version` (leader 1): the LockCluster with
