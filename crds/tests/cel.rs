@@ -6,12 +6,11 @@ use kube::core::cel::{
     analyze_rule, compile_schema, CompiledSchema, ErrorKind, ScopeContext, ValidationError,
     Validator,
 };
-use kube::CustomResourceExt;
 use lockd_crds::{LockCluster, LockClusterSpec, LockdSettings};
 use serde_json::{json, Value};
 
 fn schema() -> Value {
-    let crd = LockCluster::crd();
+    let crd = lockd_crds::crd();
     let s = crd.spec.versions[0]
         .schema
         .as_ref()

@@ -2,12 +2,11 @@
 //! current, the schema is structural, and the subresources, printer columns
 //! and validations are the ones the operator relies on.
 
-use kube::CustomResourceExt;
-use lockd_crds::{LockCluster, REGENERATE_COMMAND};
+use lockd_crds::REGENERATE_COMMAND;
 use serde_json::{json, Map, Value};
 
 fn crd_json() -> Value {
-    serde_json::to_value(LockCluster::crd()).expect("CRD serializes")
+    serde_json::to_value(lockd_crds::crd()).expect("CRD serializes")
 }
 
 fn version(crd: &Value) -> &Value {
@@ -582,4 +581,38 @@ fn structural_checker_catches_violations() {
     ] {
         assert!(errs.contains(expected), "missed {expected:?} in:\n{errs}");
     }
+}
+
+/// kube-apiserver warns on every apply of a CRD whose schema uses a format
+/// it does not know (schemars writes `uint64` for unsigned integers).
+#[test]
+fn every_format_is_one_the_api_server_knows() {
+    fn walk(v: &Value, path: &str, found: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, child) in m {
+                    if k == "format" {
+                        if let Some(f) = child.as_str() {
+                            found.push(format!("{path}: {f}"));
+                            assert!(
+                                lockd_crds::KNOWN_FORMATS.contains(&f),
+                                "{path} has format {f}, which kube-apiserver does not know"
+                            );
+                        }
+                    } else {
+                        walk(child, &format!("{path}.{k}"), found);
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|c| walk(c, path, found)),
+            _ => {}
+        }
+    }
+    let crd = crd_json();
+    let mut found = Vec::new();
+    walk(schema(&crd), "", &mut found);
+    // The known formats stay: int32/int64 from k8s-openapi's types, and
+    // date-time on the conditions' timestamps.
+    assert!(found.iter().any(|f| f.ends_with("date-time")), "{found:?}");
+    assert!(found.iter().any(|f| f.ends_with("int64")), "{found:?}");
 }

@@ -15,7 +15,6 @@ use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject,
 };
 use kube::core::cel::Validator;
-use kube::CustomResourceExt;
 use lockd_crds::{LockCluster, MAX_CLUSTER_NAME_LEN, MAX_REPLICAS, MIN_REPLICAS};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -516,7 +515,12 @@ fn deployment_runs_two_replicas_as_the_bound_service_account() {
     );
     assert_eq!(
         c.args.as_deref(),
-        Some(&["--leader-election-namespace=$(POD_NAMESPACE)".to_string()][..])
+        Some(
+            &[
+                "--leader-election-namespace=$(POD_NAMESPACE)".to_string(),
+                "--http-listen=$(POD_IP):8080".to_string(),
+            ][..]
+        )
     );
     let env: BTreeMap<&str, _> = c
         .env
@@ -527,6 +531,7 @@ fn deployment_runs_two_replicas_as_the_bound_service_account() {
     for (name, field) in [
         ("POD_NAME", "metadata.name"),
         ("POD_NAMESPACE", "metadata.namespace"),
+        ("POD_IP", "status.podIP"),
     ] {
         let from = env
             .get(name)
@@ -730,7 +735,7 @@ fn sample_is_a_valid_odd_lock_cluster() {
     );
 
     // And the CRD's CEL rules accept it.
-    let crd = LockCluster::crd();
+    let crd = lockd_crds::crd();
     let schema = crd.spec.versions[0]
         .schema
         .as_ref()
