@@ -3,33 +3,29 @@
 //! 5 -> 3, a rolling upgrade, and the replacement of a member whose volume
 //! was lost, all under a write load and a contended lock.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use lockd_client::recipes::Mutex;
-use lockd_client::{proto, Client, ClientOptions, Error};
+use common::load::{self, check_lock, Load, LockerReport};
+use lockd_client::Client;
 use lockd_e2e::local_operator::{
     LocalOperator, LocalOperatorOptions, ProgressMonitor, Restart, Steady,
 };
-use lockd_e2e::{
-    bounded, kv_client, role_of, verify_acked, wait_for, wait_until, ClusterOptions, Writer,
-};
+use lockd_e2e::{bounded, role_of, wait_for, ClusterOptions, WriterReport};
 use lockd_operator::plan::{Action, Desired, NodeId};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// Bound of one reconcile phase.
 const PHASE: Duration = Duration::from_secs(120);
-/// Bound of waits for load progress and convergence checks.
+/// Bound of convergence checks (load progress waits as long, in
+/// [`common::load`]).
 const WAIT: Duration = Duration::from_secs(60);
 
-const LOCK: &str = "/oplocal/lock";
-const COUNTER: &str = "/oplocal/counter";
-/// One child per applied increment: `<n>-t<token>-<task>-<attempt>`.
-const LOG: &str = "/oplocal/log";
+/// Prefix of every key the load uses: `/oplocal/lock`, `/oplocal/counter`,
+/// `/oplocal/log`, `/oplocal/w`.
+const LOAD_PREFIX: &str = "/oplocal";
 
 fn desired(replicas: u32, version: &str) -> Desired {
     Desired {
@@ -53,246 +49,29 @@ fn options() -> LocalOperatorOptions {
 }
 
 // ---------------------------------------------------------------------------
-// Load: a writer plus lock contenders
+// Load: a writer plus lock contenders ([`common::load`]), wired to the operator
 // ---------------------------------------------------------------------------
 
-/// One acquisition of the lock by a contender.
-#[derive(Clone, Debug)]
-struct Hold {
-    task: usize,
-    token: u64,
-    acquired: Instant,
-    /// When the last successful guarded write was sent.
-    last_ok_sent: Option<Instant>,
-    writes: u32,
+/// Starts the load under [`LOAD_PREFIX`], following the endpoints the
+/// operator publishes; the operator's progress monitor follows the writer.
+fn start_load(op: &mut LocalOperator, with_lock: bool) -> Load {
+    let load = Load::start(LOAD_PREFIX, with_lock);
+    let w = load.writer().clone();
+    op.set_progress(ProgressMonitor::spawn(
+        move || w.acked(),
+        Duration::from_millis(5),
+    ));
+    op.on_endpoints(load.endpoint_sink());
+    load
 }
 
-#[derive(Debug, Default)]
-struct LockerReport {
-    holds: Vec<Hold>,
-    /// Guarded writes that failed without an answer: may have applied.
-    uncertain: u64,
-    /// Guarded writes rejected because the lock moved on.
-    fenced: u64,
-    errors: Vec<String>,
-}
-
-fn put_op(path: String, data: impl Into<Vec<u8>>) -> proto::Op {
-    proto::Op {
-        op: Some(proto::op::Op::Put(proto::PutRequest {
-            path,
-            data: data.into(),
-            expected_version: None,
-            parents: true,
-        })),
+/// Detaches the operator's sink and monitor, then stops the load.
+async fn stop_load(load: Load, op: &mut LocalOperator) -> (WriterReport, Vec<LockerReport>) {
+    op.clear_endpoint_sink();
+    if let Some(m) = op.take_progress() {
+        m.stop().await;
     }
-}
-
-async fn read_counter(client: &Client) -> Result<u64, Error> {
-    match client.get(COUNTER).await {
-        Ok(r) => {
-            let data = r.node.map(|n| n.data).unwrap_or_default();
-            String::from_utf8_lossy(&data)
-                .parse()
-                .map_err(|e| Error::InvalidArgument(format!("counter {data:?}: {e}")))
-        }
-        Err(Error::NotFound(_)) => Ok(0),
-        Err(e) => Err(e),
-    }
-}
-
-/// Acquires the lock again and again: under it, reads the counter and
-/// writes counter + 1 with a guarded transaction (which also creates a log
-/// child naming the new value), three times, then releases. One session
-/// (and client, on the endpoints current at that time) per few holds.
-async fn locker(
-    task: usize,
-    mut endpoints: watch::Receiver<Vec<String>>,
-    stop: Arc<AtomicBool>,
-    progress: Arc<AtomicU64>,
-) -> LockerReport {
-    const HOLDS_PER_SESSION: usize = 5;
-    const WRITES_PER_HOLD: usize = 3;
-    let mut rep = LockerReport::default();
-    let mut attempt = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        let eps = match endpoints.wait_for(|e| !e.is_empty()).await {
-            Ok(e) => e.clone(),
-            Err(_) => break,
-        };
-        let opts = ClientOptions {
-            request_timeout: Duration::from_secs(5),
-            retry_budget: Duration::from_secs(20),
-        };
-        let client = match Client::connect_with(eps, opts) {
-            Ok(c) => c,
-            Err(e) => {
-                rep.errors.push(format!("connect: {e}"));
-                break;
-            }
-        };
-        let session = match client.open_session(Duration::from_secs(10)).await {
-            Ok(s) => s,
-            Err(e) => {
-                rep.errors.push(format!("open session: {e}"));
-                // Retry pacing while the cluster is not reachable.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        let mutex = Mutex::new(client.clone(), LOCK, &session);
-        for _ in 0..HOLDS_PER_SESSION {
-            if stop.load(Ordering::SeqCst) {
-                break;
-            }
-            let guard = match mutex.lock_timeout(Duration::from_secs(30)).await {
-                Ok(Some(g)) => g,
-                Ok(None) => {
-                    rep.errors.push("lock: not acquired within 30s".into());
-                    break;
-                }
-                Err(e) => {
-                    rep.errors.push(format!("lock: {e}"));
-                    break;
-                }
-            };
-            let token = guard.fencing_token();
-            let mut hold = Hold {
-                task,
-                token,
-                acquired: Instant::now(),
-                last_ok_sent: None,
-                writes: 0,
-            };
-            for _ in 0..WRITES_PER_HOLD {
-                let n = match read_counter(&client).await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        rep.errors.push(format!("read counter: {e}"));
-                        break;
-                    }
-                };
-                attempt += 1;
-                let entry = format!("{LOG}/{:010}-t{token}-{task}-{attempt}", n + 1);
-                let txn = proto::TxnRequest {
-                    success: vec![
-                        put_op(COUNTER.to_string(), (n + 1).to_string()),
-                        put_op(entry, token.to_string()),
-                    ],
-                    ..Default::default()
-                };
-                let sent = Instant::now();
-                match guard.guarded_txn(txn).await {
-                    Ok(r) if r.succeeded => {
-                        hold.last_ok_sent = Some(sent);
-                        hold.writes += 1;
-                        progress.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Ok(_) => {
-                        rep.fenced += 1;
-                        break;
-                    }
-                    Err(e) => {
-                        if !e.is_unavailable() {
-                            rep.uncertain += 1;
-                        }
-                        rep.errors.push(format!("guarded txn: {e}"));
-                        break;
-                    }
-                }
-            }
-            rep.holds.push(hold);
-            if let Err(e) = guard.unlock().await {
-                rep.errors.push(format!("unlock: {e}"));
-                break;
-            }
-        }
-        if let Err(e) = session.close().await {
-            rep.errors.push(format!("close session: {e}"));
-        }
-    }
-    rep
-}
-
-/// The background load: a [`Writer`] and two lock contenders, all following
-/// the endpoints the operator publishes.
-struct Load {
-    writer: Arc<Writer>,
-    lock_writes: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    lockers: Vec<JoinHandle<LockerReport>>,
-}
-
-impl Load {
-    fn start(op: &mut LocalOperator, with_lock: bool) -> Load {
-        let writer = Arc::new(Writer::spawn(
-            Vec::new(),
-            "/oplocal/w",
-            Duration::from_secs(5),
-        ));
-        let w = writer.clone();
-        op.set_progress(ProgressMonitor::spawn(
-            move || w.acked(),
-            Duration::from_millis(5),
-        ));
-        let (tx, rx) = watch::channel(Vec::<String>::new());
-        let w = writer.clone();
-        op.on_endpoints(move |eps| {
-            w.set_endpoints(eps.to_vec());
-            tx.send_replace(eps.to_vec());
-        });
-        let stop = Arc::new(AtomicBool::new(false));
-        let lock_writes = Arc::new(AtomicU64::new(0));
-        let lockers = if with_lock {
-            (0..2)
-                .map(|task| {
-                    tokio::spawn(locker(task, rx.clone(), stop.clone(), lock_writes.clone()))
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        Load {
-            writer,
-            lock_writes,
-            stop,
-            lockers,
-        }
-    }
-
-    /// Waits until both the writer and (if any) the lock holders made
-    /// progress.
-    async fn progressed(&self, what: &str) {
-        let n = self.writer.acked();
-        self.writer
-            .wait_acked(n + 20, WAIT)
-            .await
-            .unwrap_or_else(|e| panic!("writes progress {what}: {e:#}"));
-        if !self.lockers.is_empty() {
-            let l = self.lock_writes.load(Ordering::SeqCst);
-            wait_until(WAIT, &format!("guarded writes progress {what}"), || async {
-                self.lock_writes.load(Ordering::SeqCst) >= l + 3
-            })
-            .await
-            .expect("guarded writes progress");
-        }
-    }
-
-    /// Stops everything; the operator's sink and monitor are detached.
-    async fn stop(self, op: &mut LocalOperator) -> (lockd_e2e::WriterReport, Vec<LockerReport>) {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut reports = Vec::new();
-        for l in self.lockers {
-            reports.push(l.await.expect("locker task"));
-        }
-        op.clear_endpoint_sink();
-        if let Some(m) = op.take_progress() {
-            m.stop().await;
-        }
-        let writer =
-            Arc::try_unwrap(self.writer).unwrap_or_else(|_| panic!("the writer is still shared"));
-        (writer.stop().await, reports)
-    }
+    load.stop().await
 }
 
 // ---------------------------------------------------------------------------
@@ -408,104 +187,10 @@ fn print_restarts(restarts: &[Restart]) {
     }
 }
 
-/// The counter equals the number of applied increments, each value was
-/// written exactly once (no two holders ever read the same value), and in
-/// value order the fencing tokens never go back; the holds that wrote are
-/// disjoint in time with strictly increasing tokens.
-async fn check_lock(client: &Client, reports: &[LockerReport]) {
-    let counter = read_counter(client).await.expect("read the counter");
-    let list = client.list(LOG).await.expect("list the increment log");
-    let mut entries: Vec<(u64, u64)> = list
-        .children
-        .iter()
-        .map(|n| {
-            let name = n.path.rsplit('/').next().unwrap_or_default();
-            let mut parts = name.split('-');
-            let value = parts.next().and_then(|v| v.parse().ok()).expect("value");
-            let token = parts
-                .next()
-                .and_then(|t| t.strip_prefix('t'))
-                .and_then(|t| t.parse().ok())
-                .expect("token");
-            (value, token)
-        })
-        .collect();
-    entries.sort();
-    let values: Vec<u64> = entries.iter().map(|e| e.0).collect();
-    let expected: Vec<u64> = (1..=counter).collect();
-    assert_eq!(
-        values, expected,
-        "every increment 1..={counter} applied exactly once (a duplicate means two holders at once)"
-    );
-    assert!(
-        entries.windows(2).all(|w| w[0].1 <= w[1].1),
-        "fencing tokens go back in increment order: {entries:?}"
-    );
-
-    let mut holds: Vec<&Hold> = reports
-        .iter()
-        .flat_map(|r| r.holds.iter())
-        .filter(|h| h.writes > 0)
-        .collect();
-    holds.sort_by_key(|h| h.acquired);
-    for w in holds.windows(2) {
-        assert!(
-            w[1].token > w[0].token,
-            "tokens not strictly increasing: task {} token {} then task {} token {}",
-            w[0].task,
-            w[0].token,
-            w[1].task,
-            w[1].token
-        );
-        let end = w[0].last_ok_sent.expect("a hold that wrote");
-        assert!(
-            w[1].acquired >= end,
-            "two holders at once: token {} wrote at {:?}, token {} held from {:?}",
-            w[0].token,
-            end,
-            w[1].token,
-            w[1].acquired
-        );
-    }
-    let writes: u64 = holds.iter().map(|h| u64::from(h.writes)).sum();
-    let uncertain: u64 = reports.iter().map(|r| r.uncertain).sum();
-    assert!(
-        writes <= counter && counter <= writes + uncertain,
-        "counter {counter}, acknowledged guarded writes {writes}, uncertain {uncertain}"
-    );
-    for (task, r) in reports.iter().enumerate() {
-        assert!(
-            r.holds.iter().any(|h| h.writes > 0),
-            "contender {task} never wrote under the lock: {:?}",
-            r.errors
-        );
-    }
-    eprintln!(
-        "lock: counter {counter}, {} holds with writes, fenced {}, uncertain {uncertain}, errors {:?}",
-        holds.len(),
-        reports.iter().map(|r| r.fenced).sum::<u64>(),
-        reports.iter().flat_map(|r| r.errors.iter()).take(10).collect::<Vec<_>>()
-    );
-}
-
 /// Reads every acknowledged write back from the leader.
-async fn check_writes(op: &LocalOperator, report: &lockd_e2e::WriterReport) {
-    assert!(
-        report.errors.is_empty(),
-        "unexpected write errors: {:?}",
-        report.errors
-    );
+async fn check_writes(op: &LocalOperator, report: &WriterReport) {
     let leader = op.last_view().expect("a view").leader;
-    let ep = op.cluster().endpoint(leader);
-    verify_acked(&mut kv_client(&ep, Duration::from_secs(10)), &report.acked)
-        .await
-        .expect("no acknowledged write lost");
-    eprintln!(
-        "writes: {} acknowledged and read back, {} ambiguous, {} unavailable",
-        report.acked.len(),
-        report.ambiguous,
-        report.unavailable
-    );
+    load::check_writes(&op.cluster().endpoint(leader), report).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -519,7 +204,7 @@ async fn bootstrap_scale_and_rolling_upgrade() {
         .await
         .expect("start the local operator");
     bounded(Duration::from_secs(300), "operator_local", async {
-        let load = Load::start(&mut op, true);
+        let load = start_load(&mut op, true);
         let mut phases = Vec::new();
         for replicas in [1, 3, 5, 3] {
             let d = desired(replicas, "v1");
@@ -646,10 +331,10 @@ async fn bootstrap_scale_and_rolling_upgrade() {
             "no member created by the upgrade"
         );
 
-        let (writes, lockers) = load.stop(&mut op).await;
+        let (writes, lockers) = stop_load(load, &mut op).await;
         check_writes(&op, &writes).await;
         let client = Client::connect(op.member_endpoints()).expect("client");
-        check_lock(&client, &lockers).await;
+        check_lock(&client, LOAD_PREFIX, &lockers).await;
 
         for (what, took, passes) in &phases {
             eprintln!("phase {what}: {:.1}s, {passes} passes", took.as_secs_f64());
@@ -680,7 +365,7 @@ async fn replaces_a_member_whose_volume_is_lost() {
         Duration::from_secs(180),
         "operator_local replacement",
         async {
-            let load = Load::start(&mut op, false);
+            let load = start_load(&mut op, false);
             let d = desired(3, "v1");
             let s = op
                 .reconcile_until_steady(&d, PHASE)
@@ -752,7 +437,7 @@ async fn replaces_a_member_whose_volume_is_lost() {
             assert!(!last.voters.contains(&victim) && !last.learners.contains(&victim));
             assert!(!op.cluster().is_running(victim));
 
-            let (writes, _) = load.stop(&mut op).await;
+            let (writes, _) = stop_load(load, &mut op).await;
             check_writes(&op, &writes).await;
             eprintln!("total {:.1}s", began.elapsed().as_secs_f64());
         },

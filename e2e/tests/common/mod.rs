@@ -1,0 +1,4 @@
+//! Helpers shared by test files (`mod common;`). Each test crate compiles
+//! this module separately.
+
+pub mod load;
