@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+pub mod k8s;
 pub mod local_operator;
 pub mod lockctl;
 pub mod proxy;
@@ -52,6 +53,12 @@ const BUILD_HINT: &str =
 /// executable's target dir (`target/<profile>/lockd`).
 pub fn lockd_bin() -> PathBuf {
     find_bin("LOCKD_BIN", "lockd")
+}
+
+/// Path of the operator binary: `$LOCKD_OPERATOR_BIN`, else
+/// `target/<profile>/lockd-operator`.
+pub fn operator_bin() -> PathBuf {
+    find_bin("LOCKD_OPERATOR_BIN", "lockd-operator")
 }
 
 /// Path of the `lockctl` CLI binary: `$LOCKCTL_BIN`, else `target/<profile>/lockctl`.
