@@ -353,6 +353,8 @@ async fn admission_rejects_even_sizes_and_bad_timing() {
             1,
             "rejected scale changed nothing"
         );
+        wait_running(env, &ns, "one", 1, "0.1.0").await;
+        assert_at_rest(env, &ns, "one").await;
         let (ok, _, err) = env
             .kubectl(&["-n", &ns, "scale", "lc/one", "--replicas=0"])
             .await
