@@ -472,7 +472,9 @@ async fn lifecycle_create_scale_upgrade_delete() {
 async fn lifecycle(env: &K8sEnv, ns: &str) {
     let name = "life";
     let client = env.client().await;
-    let retention = "    retention:\n      whenScaled: Delete\n      whenDeleted: Delete\n";
+    // whenDeleted starts at Retain and becomes Delete before the deletion:
+    // the volumes' ownership must follow.
+    let retention = "    retention:\n      whenScaled: Delete\n      whenDeleted: Retain\n";
     env.kubectl_stdin(
         &["apply", "-f", "-"],
         Some(&lockcluster_yaml(ns, name, 3, "0.1.0", retention)),
@@ -504,7 +506,7 @@ async fn lifecycle(env: &K8sEnv, ns: &str) {
         "{:?}",
         st.conditions
     );
-    check_owned_objects(&client, ns, name, &lc3).await;
+    check_owned_objects(&client, ns, name, &lc3, false).await;
     check_printer_columns(env, ns, name, &lc3).await;
     assert_at_rest(env, ns, name).await;
 
@@ -667,6 +669,45 @@ async fn lifecycle(env: &K8sEnv, ns: &str) {
     assert_at_rest(env, ns, name).await;
 
     // --- deletion and garbage collection ---------------------------------
+    env.kubectl_ok(&[
+        "-n",
+        ns,
+        "patch",
+        &format!("lc/{name}"),
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"storage":{"retention":{"whenDeleted":"Delete"}}}}"#,
+    ])
+    .await
+    .expect("patch whenDeleted");
+    let lc_now = lc(&client, ns, name).await;
+    wait_for(
+        PHASE,
+        "the volumes to be owned by the LockCluster",
+        || async {
+            let uid = lc_now.uid().unwrap_or_default();
+            for id in &ids3 {
+                let pvc = pvcs.get(&names::pvc_name(name, *id)).await?;
+                anyhow::ensure!(
+                    pvc.owner_references().iter().any(|r| r.uid == uid),
+                    "volume of member {id} not owned yet"
+                );
+            }
+            Ok(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        member_pods(&client, ns, name)
+            .await
+            .values()
+            .map(|p| p.uid())
+            .collect::<Vec<_>>(),
+        after.values().map(|p| p.uid()).collect::<Vec<_>>(),
+        "a retention change restarts no member"
+    );
+    assert_at_rest(env, ns, name).await;
     env.kubectl_ok(&["-n", ns, "delete", &format!("lc/{name}"), "--wait=false"])
         .await
         .expect("delete lc");
@@ -794,7 +835,13 @@ fn is_ready(p: &Pod) -> bool {
 
 /// The Services, ConfigMap, PDB and PVCs exist and are owned by the
 /// LockCluster (so the garbage collector can remove them).
-async fn check_owned_objects(client: &Client, ns: &str, name: &str, lc: &LockCluster) {
+async fn check_owned_objects(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    lc: &LockCluster,
+    volumes_owned: bool,
+) {
     let uid = lc.uid().expect("uid");
     let owned = |refs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference]| {
         refs.iter()
@@ -852,9 +899,10 @@ async fn check_owned_objects(client: &Client, ns: &str, name: &str, lc: &LockClu
             .get(&claim)
             .await
             .unwrap_or_else(|e| panic!("pvc {claim}: {e}"));
-        assert!(
+        assert_eq!(
             owned(pvc.owner_references()),
-            "whenDeleted: Delete makes {claim} owned"
+            volumes_owned,
+            "{claim} is owned exactly when whenDeleted is Delete"
         );
     }
 }

@@ -190,6 +190,8 @@ async fn reconcile_pass(lc: Arc<LockCluster>, ctx: Arc<Context>) -> Result<Reque
     let mut failure: Option<Error> = None;
     if let Err(e) = apply_singletons(&lc, &ns, &client, p.pdb_min_available).await {
         failure = Some(e);
+    } else if let Err(e) = sync_volume_owners(&lc, &pvcs, &obs).await {
+        failure = Some(e);
     }
     let targets = targets(&lc, &ns, &obs);
     if failure.is_none() {
@@ -521,6 +523,31 @@ async fn apply_singletons(
     apply_if_changed(&cms, &resources::config_map(lc)?).await?;
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
     apply_if_changed(&pdbs, &resources::pdb(lc, pdb_min_available)?).await?;
+    Ok(())
+}
+
+/// Keeps the members' volumes' owner references in step with
+/// `whenDeleted` (see [`resources::volume_owner_references`]): a merge
+/// patch of the whole list, conditional on the resourceVersion observed.
+async fn sync_volume_owners(
+    lc: &LockCluster,
+    pvcs: &Api<PersistentVolumeClaim>,
+    obs: &Observation,
+) -> Result<(), Error> {
+    for pvc in obs.pvcs.values() {
+        let Some(refs) = resources::volume_owner_references(lc, pvc)? else {
+            continue;
+        };
+        let name = pvc.name_any();
+        let mut meta = serde_json::json!({ "ownerReferences": refs });
+        if let Some(rv) = &pvc.metadata.resource_version {
+            meta["resourceVersion"] = serde_json::json!(rv);
+        }
+        let patch = serde_json::json!({ "metadata": meta });
+        pvcs.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        tracing::info!(pvc = %name, owners = refs.len(), "volume owner references updated");
+    }
     Ok(())
 }
 

@@ -613,6 +613,30 @@ pub fn member_pvc(lc: &LockCluster, id: u64) -> Result<PersistentVolumeClaim, Bu
     }))
 }
 
+/// The owner references member volume `pvc` should carry when they differ
+/// from its current ones: its other owners unchanged, the LockCluster's
+/// controller reference present exactly while `whenDeleted: Delete` (so the
+/// garbage collector deletes the volume with the LockCluster) and absent
+/// under `Retain`. `None` when the volume is already so. Volumes are owned
+/// at creation; this keeps them in step when `whenDeleted` changes later.
+pub fn volume_owner_references(
+    lc: &LockCluster,
+    pvc: &PersistentVolumeClaim,
+) -> Result<Option<Vec<OwnerReference>>, BuildError> {
+    let owner = Owner::of(lc)?;
+    let current = pvc.metadata.owner_references.clone().unwrap_or_default();
+    let ours = |r: &OwnerReference| r.uid == owner.owner_ref.uid;
+    let want_owned = lc.spec.storage.retention.when_deleted == RetentionAction::Delete;
+    if current.iter().any(ours) == want_owned {
+        return Ok(None);
+    }
+    let mut refs: Vec<OwnerReference> = current.into_iter().filter(|r| !ours(r)).collect();
+    if want_owned {
+        refs.push(owner.owner_ref.clone());
+    }
+    Ok(Some(refs))
+}
+
 /// The headless Service `{cluster}-peers` that gives each member its DNS name
 /// `{cluster}-{id}.{cluster}-peers.{ns}.svc` (through the Pods' `hostname`
 /// and `subdomain`).
@@ -1184,6 +1208,44 @@ mod tests {
                 .and_then(|r| r.requests.as_ref())
                 .expect("requests")["storage"],
             Quantity("5Gi".into())
+        );
+    }
+
+    #[test]
+    fn volume_owner_references_follow_when_deleted() {
+        let mut lc = demo();
+        lc.spec.storage.retention.when_deleted = RetentionAction::Retain;
+        let retained = member_pvc(&lc, 1).expect("pvc");
+        assert_eq!(volume_owner_references(&lc, &retained).expect("refs"), None);
+
+        // Retain -> Delete: the LockCluster becomes the controller owner,
+        // beside an owner someone else added.
+        let mut other = retained.clone();
+        let foreign = OwnerReference {
+            api_version: "example.com/v1".into(),
+            kind: "Backup".into(),
+            name: "nightly".into(),
+            uid: "backup-uid".into(),
+            ..OwnerReference::default()
+        };
+        other.metadata.owner_references = Some(vec![foreign.clone()]);
+        lc.spec.storage.retention.when_deleted = RetentionAction::Delete;
+        let refs = volume_owner_references(&lc, &other)
+            .expect("refs")
+            .expect("a change");
+        assert_eq!(refs.len(), 2);
+        assert_eq!(refs[0], foreign);
+        assert_eq!(refs[1].uid, lc.metadata.uid.clone().expect("uid"));
+        assert_eq!(refs[1].controller, Some(true));
+        assert_eq!(refs[1].block_owner_deletion, Some(true));
+
+        // Created under Delete: nothing to change; back to Retain: ours go.
+        let owned = member_pvc(&lc, 1).expect("pvc");
+        assert_eq!(volume_owner_references(&lc, &owned).expect("refs"), None);
+        lc.spec.storage.retention.when_deleted = RetentionAction::Retain;
+        assert_eq!(
+            volume_owner_references(&lc, &owned).expect("refs"),
+            Some(vec![])
         );
     }
 

@@ -1047,6 +1047,64 @@ async fn scale_down_with_retained_volumes_retires_them() {
     );
 }
 
+/// `whenDeleted` changed after the volumes were created: the pass patches
+/// each volume's owner references (conditional on its resourceVersion) and
+/// restarts nothing.
+#[tokio::test]
+async fn when_deleted_change_updates_volume_owners_only() {
+    let (settled, pods, mut pvcs, lockd) = settled_three("0.1.0");
+    assert_eq!(
+        settled.spec.storage.retention.when_deleted,
+        lockd_crds::RetentionAction::Retain
+    );
+    for (i, p) in pvcs.iter_mut().enumerate() {
+        assert!(
+            p.metadata.owner_references.is_none(),
+            "retained volumes are unowned"
+        );
+        p.metadata.resource_version = Some(format!("rv-{i}"));
+    }
+    let lc = edited(&settled, |s| {
+        s.storage.retention.when_deleted = lockd_crds::RetentionAction::Delete
+    });
+    let lockd = Arc::new(lockd);
+    let uid = lc.metadata.uid.clone().expect("uid");
+    let mut script = Script::default()
+        .observe(&pods, &pvcs)
+        .singletons(stored_singletons(&lc, 2), [false; 4]);
+    for (i, id) in (1..=3u64).enumerate() {
+        let stored = to_json(&pvcs[i]);
+        let uid = uid.clone();
+        script = script.step(Method::PATCH, pvc_path(id), move |seen| {
+            assert_eq!(
+                seen.content_type.as_deref(),
+                Some("application/merge-patch+json")
+            );
+            let meta = &seen.body["metadata"];
+            assert_eq!(meta["resourceVersion"], format!("rv-{i}"));
+            let refs = meta["ownerReferences"].as_array().expect("a list");
+            assert_eq!(refs.len(), 1);
+            assert_eq!(refs[0]["uid"], uid.as_str());
+            assert_eq!(refs[0]["controller"], true);
+            (StatusCode::OK, stored)
+        });
+    }
+    let script = script.status_patch(&lc);
+    let (result, log) = run(&lc, script, lockd.clone(), false).await;
+    result.expect("pass succeeds");
+    assert!(lockd.acts().is_empty(), "no membership change");
+    assert_eq!(
+        writes(&log),
+        [
+            format!("PATCH {}", pvc_path(1)),
+            format!("PATCH {}", pvc_path(2)),
+            format!("PATCH {}", pvc_path(3)),
+            format!("PATCH {}", status_path()),
+        ],
+        "owner references and the status, no restart"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 5. Membership action through lockd.
 
