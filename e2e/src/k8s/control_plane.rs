@@ -228,7 +228,12 @@ impl ControlPlane {
 
     /// Every audit event (one per completed write request) so far.
     pub fn audit_events(&self) -> Result<Vec<serde_json::Value>> {
-        let text = std::fs::read_to_string(&self.audit_log).unwrap_or_default();
+        let text = match std::fs::read_to_string(&self.audit_log) {
+            Ok(t) => t,
+            // No write yet: no file yet.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).context("read the audit log"),
+        };
         // The last line may be half written: skip what does not parse.
         Ok(text
             .lines()

@@ -87,6 +87,18 @@ extern "C" fn teardown() {
 
 impl K8sEnv {
     async fn start() -> Result<K8sEnv> {
+        // The test kubelet gives each Pod its own mount namespace.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!(
+                "the Kubernetes tier needs root: its test kubelet runs each Pod in a mount namespace of its own"
+            );
+        }
+        // Resolved before anything is created: a missing binary panics.
+        let binaries = BTreeMap::from([
+            ("lockd".to_string(), crate::lockd_bin()),
+            ("lockd-operator".to_string(), crate::operator_bin()),
+        ]);
         let root = tempfile::Builder::new()
             .prefix("lockd-k8s-e2e-")
             .tempdir()
@@ -105,7 +117,7 @@ impl K8sEnv {
         unsafe {
             libc::atexit(teardown);
         }
-        let started = Self::start_in(&root, &etcd_dir).await;
+        let started = Self::start_in(&root, &etcd_dir, binaries).await;
         if started.is_err() && std::env::var_os("LOCKD_E2E_KEEP").is_none() {
             // The components are gone with their owners (dropped); so must
             // their dirs be, since no teardown hook will know of them.
@@ -115,7 +127,11 @@ impl K8sEnv {
         started
     }
 
-    async fn start_in(root: &Path, etcd_dir: &Path) -> Result<K8sEnv> {
+    async fn start_in(
+        root: &Path,
+        etcd_dir: &Path,
+        binaries: BTreeMap<String, PathBuf>,
+    ) -> Result<K8sEnv> {
         let (root, etcd_dir) = (root.to_path_buf(), etcd_dir.to_path_buf());
         let cp_dir = root.join("control-plane");
         std::fs::create_dir_all(&cp_dir)?;
@@ -131,10 +147,7 @@ impl K8sEnv {
                 // A /16 of loopback addresses per test process, so that
                 // concurrent test binaries never share a pod address.
                 ip_prefix: [10 + (pid % 200) as u8, (pid / 200 % 250) as u8],
-                binaries: BTreeMap::from([
-                    ("lockd".to_string(), crate::lockd_bin()),
-                    ("lockd-operator".to_string(), crate::operator_bin()),
-                ]),
+                binaries,
                 api_host: "127.0.0.1".to_string(),
                 api_port: cp.api_port,
                 ca_pem: cp.ca_pem.clone(),

@@ -199,12 +199,13 @@ impl TestKubelet {
         }
         // The mount points are empty on the host: the bind mounts exist only
         // in the children's mount namespaces.
+        // Only empty directories go, bottom up: whatever another process
+        // put there (another test kubelet, say) stays.
         for dir in lock(&shared.created_dirs).drain(..) {
-            match std::fs::remove_dir_all(&dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            if let Err(e) = remove_empty_tree(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
                     eprintln!("test-kubelet: removing {}: {e}", dir.display());
                 }
-                _ => {}
             }
         }
     }
@@ -263,6 +264,18 @@ impl Shared {
 
 /// First line of a small host file, "" if unreadable (plausible node info
 /// is all that is needed).
+/// Removes `dir` and the directories below it, as long as they hold
+/// nothing but (empty) directories; stops at the first other entry.
+fn remove_empty_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_empty_tree(&entry.path())?;
+        }
+    }
+    std::fs::remove_dir(dir)
+}
+
 fn read_host_file(path: &str) -> String {
     std::fs::read_to_string(path)
         .map(|s| s.lines().next().unwrap_or_default().trim().to_string())
