@@ -155,6 +155,10 @@ pub fn raft_view(leader: &StatusResponse) -> Option<RaftView> {
         voters,
         learners,
         joint: leader.joint,
+        joint_target: match leader.voter_sets.as_slice() {
+            [_, .., to] if leader.joint => Some(to.ids.iter().copied().collect()),
+            _ => None,
+        },
         lag,
         commit_index: leader.commit_index,
     })
@@ -487,7 +491,7 @@ impl Admin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lockd_proto::v1::Replication;
+    use lockd_proto::v1::{Replication, VoterSet};
 
     fn member(id: u64, voter: bool) -> Member {
         Member {
@@ -618,6 +622,17 @@ mod tests {
         let mut s = leader_of_three();
         s.joint = true;
         assert!(raft_view(&s).expect("view").joint);
+        assert_eq!(raft_view(&s).expect("view").joint_target, None);
+        s.voter_sets = vec![
+            VoterSet { ids: vec![1, 2, 3] },
+            VoterSet {
+                ids: vec![1, 2, 3, 4, 5],
+            },
+        ];
+        assert_eq!(
+            raft_view(&s).expect("view").joint_target,
+            Some(BTreeSet::from([1, 2, 3, 4, 5]))
+        );
         // A member without a replication entry has no lag (not caught up).
         s.replication.clear();
         assert_eq!(raft_view(&s).expect("view").lag, BTreeMap::from([(2, 0)]));

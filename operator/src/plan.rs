@@ -125,13 +125,17 @@
 //! 11. **PodDisruptionBudget.** See [`Plan::pdb_min_available`].
 //! 12. **Phase and conditions.** See [`Phase`] and [`ConditionKind`].
 //!
-//! While the raft view reports a joint configuration the planner waits: the
-//! view does not say which of the two voter sets is the old one, so no
-//! health-based decision about it would be sound. lockd's ChangeVoters call
-//! leaves the joint state by itself (openraft commits the joint and then the
-//! uniform configuration in one call); a joint state that persists (a leader
-//! that crashed between the two) shows as Progressing false with reason
-//! `JointConsensus`, for a human to finish with the intended voter set.
+//! A joint configuration is finished, not reasoned about: lockd's
+//! ChangeVoters call leaves the joint state by itself (openraft commits the
+//! joint and then the uniform configuration in one call), so a joint state
+//! seen by a pass is one whose leader crashed or lost leadership between the
+//! two, or a change still in flight. The planner then issues `ChangeVoters`
+//! to the set the change was moving to (the last of the two the leader
+//! reports), which only needs that set's quorum, and nothing else. If that set
+//! is not odd, names a foreign member or lacks a healthy quorum, or lockd does
+//! not report it, the planner waits and reports Progressing false with reason
+//! `JointConsensus`. A change still in flight makes the call fail harmlessly
+//! (openraft refuses a second change while one is in progress).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -271,6 +275,9 @@ pub struct RaftView {
     pub learners: BTreeSet<NodeId>,
     /// True while a joint-consensus change is in flight.
     pub joint: bool,
+    /// During a joint-consensus change, the voter set being moved to (None
+    /// otherwise, and from lockd versions that do not report it).
+    pub joint_target: Option<BTreeSet<NodeId>>,
     /// Per member: the leader's last log index minus the member's matched
     /// index. A member without an entry counts as not caught up (except the
     /// leader, which is always caught up).

@@ -8,7 +8,7 @@
 //! a map endpoint -> `Cluster/Status` answer and a log of membership calls.
 //! Pod IPs are only keys into that map; nothing touches the network.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use lockd_operator::controller::{
 use lockd_operator::metrics::Metrics;
 use lockd_operator::plan::{self, Action};
 use lockd_operator::resources;
-use lockd_proto::v1::{Member, Replication, Role, StatusResponse};
+use lockd_proto::v1::{Member, Replication, Role, StatusResponse, VoterSet};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
@@ -1178,6 +1178,47 @@ async fn fresh_members_are_added_as_learners_through_lockd() {
         .map(|m| m.node_id)
         .collect();
     assert_eq!(unknown, [4, 5], "not members yet");
+}
+
+#[tokio::test]
+async fn a_joint_configuration_left_behind_is_finished_through_lockd() {
+    let (lc, pods, pvcs, lockd) = settled_three("0.1.0");
+    let cid = cid(&lc);
+    // The leader of a change from {1} to {1, 2, 3} lost leadership between
+    // its two steps: the new leader reports both voter sets.
+    let mut leader = raft_status(&cid, 1, 1, &[1, 2, 3]);
+    leader.joint = true;
+    leader.voter_sets = vec![VoterSet { ids: vec![1] }, VoterSet { ids: vec![1, 2, 3] }];
+    let lockd = Arc::new(lockd.answer(1, leader));
+    let script = Script::default()
+        .observe(&pods, &pvcs)
+        .singletons(stored_singletons(&lc, 2), [false, false, false, true])
+        .status_patch(&lc);
+
+    let (result, log) = run(&lc, script, lockd.clone(), false).await;
+
+    assert_eq!(
+        result.expect("pass succeeds"),
+        Requeue::requeue(REQUEUE_ACTIVE)
+    );
+    // No eviction while the membership changes.
+    assert_eq!(
+        find(&log, Method::PATCH, &singleton_paths()[3]).body["spec"]["minAvailable"],
+        3
+    );
+    assert_eq!(
+        lockd
+            .acts()
+            .iter()
+            .map(|(a, _)| a.clone())
+            .collect::<Vec<_>>(),
+        [Action::ChangeVoters {
+            voters: BTreeSet::from([1, 2, 3])
+        }]
+    );
+    let status = written_status(&log);
+    assert_eq!(status.phase, LockClusterPhase::Scaling);
+    assert_eq!(condition(&status, "Progressing").reason, "ChangingVoters");
 }
 
 // ---------------------------------------------------------------------------

@@ -248,13 +248,36 @@ fn check_plan(d: &Desired, o: &Observed, p: &Plan) -> Result<(), TestCaseError> 
                     || format!("AddLearner of a member that is not fresh{}", ctx()),
                 )?;
             }
+            Action::ChangeVoters { voters: target } if raft.is_some_and(|r| r.joint) => {
+                // Finishing a joint change: only to the set it was moving
+                // to, odd, with a healthy quorum of it.
+                change_voters += 1;
+                ensure(
+                    raft.and_then(|r| r.joint_target.as_ref()) == Some(target),
+                    || {
+                        format!(
+                            "ChangeVoters while joint to another set {target:?}{}",
+                            ctx()
+                        )
+                    },
+                )?;
+                ensure(target.len() % 2 == 1, || {
+                    format!("even voter set {target:?}{}", ctx())
+                })?;
+                ensure(
+                    target.iter().filter(|id| hv.contains(id)).count() >= quorum(target.len()),
+                    || {
+                        format!(
+                            "finishing a joint change without a healthy quorum of {target:?}{}",
+                            ctx()
+                        )
+                    },
+                )?;
+            }
             Action::ChangeVoters { voters: target } => {
                 change_voters += 1;
                 ensure(had_quorum, || {
                     format!("ChangeVoters without quorum{}", ctx())
-                })?;
-                ensure(!raft.is_some_and(|r| r.joint), || {
-                    "ChangeVoters while joint".into()
                 })?;
                 ensure(target.len() % 2 == 1, || {
                     format!("even voter set {target:?}{}", ctx())
@@ -407,12 +430,12 @@ fn check_plan(d: &Desired, o: &Observed, p: &Plan) -> Result<(), TestCaseError> 
             || format!("actions with an invalid spec{}", ctx()),
         )?;
     }
-    // Joint configuration: wait.
+    // Joint configuration: finish it (checked above), nothing else.
     if raft.is_some_and(|r| r.joint) {
         ensure(
             p.actions
                 .iter()
-                .all(|a| matches!(a, Action::CreatePod { .. })),
+                .all(|a| matches!(a, Action::CreatePod { .. } | Action::ChangeVoters { .. })),
             || format!("actions while joint{}", ctx()),
         )?;
     }
@@ -621,7 +644,9 @@ fn build_observed(
             all[leader.index(all.len())]
         };
         lag.insert(leader, 0);
+        let joint_target = joint.then(|| voters.clone());
         Some(RaftView {
+            joint_target,
             leader,
             term: 1,
             voters,
@@ -705,6 +730,7 @@ impl Sim {
                 voters: self.voters.clone(),
                 learners: self.learners.clone(),
                 joint: self.joint,
+                joint_target: self.joint.then(|| self.voters.clone()),
                 lag: self.lag.clone(),
                 commit_index: 10,
             }),

@@ -196,6 +196,15 @@ impl Cluster for ClusterService {
                 members: self.members(),
                 replication,
                 joint: m.membership_config.membership().get_joint_config().len() > 1,
+                voter_sets: m
+                    .membership_config
+                    .membership()
+                    .get_joint_config()
+                    .iter()
+                    .map(|set| pb::VoterSet {
+                        ids: set.iter().copied().collect(),
+                    })
+                    .collect(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 instance_id: self.node.identity.instance.clone(),
                 advertise_addr: self.node.config.advertise.clone(),

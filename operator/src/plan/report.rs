@@ -186,12 +186,15 @@ fn progressing(a: &Analysis<'_>, p: &Planner<'_, '_>, h: &Health) -> Cond {
         return (true, reason, what.join("; "));
     }
     if p.mode == Mode::Frozen(Freeze::Joint) {
-        return (
-            false,
-            "JointConsensus",
-            "a joint-consensus membership change is in flight; waiting for it to finish"
-                .to_string(),
-        );
+        let message = p
+            .blocks
+            .first()
+            .map(|b| b.message.clone())
+            .unwrap_or_else(|| {
+                "a joint-consensus membership change is in flight; waiting for it to finish"
+                    .to_string()
+            });
+        return (false, "JointConsensus", message);
     }
     if let Some(b) = p.blocks.first() {
         return (false, b.reason, b.message.clone());

@@ -86,7 +86,8 @@ impl<'a, 'b> Planner<'a, 'b> {
                 "no healthy quorum; only pods of members with intact volumes are recreated"
                     .to_string(),
             ),
-            Mode::Bootstrap | Mode::Normal | Mode::Frozen(Freeze::Joint) => {}
+            Mode::Frozen(Freeze::Joint) => p.finish_joint(),
+            Mode::Bootstrap | Mode::Normal => {}
         }
         p
     }
@@ -472,6 +473,44 @@ impl<'a, 'b> Planner<'a, 'b> {
             None => self.block(
                 "UpgradePaused",
                 format!("leader {l} is outdated but no healthy follower runs the desired version to take over"),
+            ),
+        }
+    }
+}
+
+impl Planner<'_, '_> {
+    /// Finishes a joint-consensus change left behind (parent module docs).
+    fn finish_joint(&mut self) {
+        let a = self.a;
+        let Some(target) = a.raft.and_then(|r| r.joint_target.as_ref()) else {
+            return;
+        };
+        let healthy = target
+            .iter()
+            .filter(|id| a.healthy_voters.contains(id))
+            .count();
+        let why_not = if target.len() % 2 == 0 {
+            Some(format!("its voter set {} is even", ids(target)))
+        } else if target.iter().any(|id| a.foreign.contains(id)) {
+            Some(format!(
+                "its voter set {} names a member of another cluster",
+                ids(target)
+            ))
+        } else if healthy < super::quorum(target.len()) {
+            Some(format!(
+                "only {healthy} of its voters {} are healthy, fewer than a quorum",
+                ids(target)
+            ))
+        } else {
+            None
+        };
+        match why_not {
+            None => self.push(Action::ChangeVoters {
+                voters: target.clone(),
+            }),
+            Some(why) => self.block(
+                "JointConsensus",
+                format!("a joint-consensus change cannot be finished: {why}"),
             ),
         }
     }

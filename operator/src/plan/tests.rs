@@ -66,6 +66,7 @@ impl W {
             voters: set(voters),
             learners: BTreeSet::new(),
             joint: false,
+            joint_target: None,
             lag: voters.iter().map(|id| (*id, 0)).collect(),
             commit_index: 100,
         });
@@ -941,6 +942,78 @@ fn joint_state_waits() {
         cond(&p, ConditionKind::Progressing).reason,
         "JointConsensus"
     );
+}
+
+/// A world left in the joint configuration (all of `voters`) of a change
+/// to `to` by a leader that crashed between its two steps.
+fn joint(voters: &[NodeId], to: &[NodeId]) -> W {
+    let mut w = W::cluster(voters, 1);
+    w.raft().joint = true;
+    w.raft().joint_target = Some(set(to));
+    w
+}
+
+#[test]
+fn joint_state_left_by_a_scale_up_is_finished() {
+    let p = joint(&[1, 2, 3, 4, 5], &[1, 2, 3, 4, 5]).plan(&desired(5));
+    assert_eq!(
+        p.actions,
+        vec![Action::ChangeVoters {
+            voters: set(&[1, 2, 3, 4, 5])
+        }]
+    );
+    assert_eq!(p.phase, Phase::Scaling);
+    assert_eq!(
+        cond(&p, ConditionKind::Progressing).reason,
+        "ChangingVoters"
+    );
+}
+
+#[test]
+fn joint_state_left_by_a_scale_down_is_finished_without_the_dropped_voters() {
+    // 4 and 5 were being removed and are down: only the target's quorum
+    // matters, and nothing else is planned in the same pass.
+    let w = joint(&[1, 2, 3, 4, 5], &[1, 2, 3])
+        .pod(4, PodState::Running { ready: false })
+        .pod(5, PodState::Pending);
+    let p = w.plan(&desired(3));
+    assert_eq!(
+        p.actions,
+        vec![Action::ChangeVoters {
+            voters: set(&[1, 2, 3])
+        }]
+    );
+}
+
+#[test]
+fn joint_state_waits_when_its_target_cannot_commit_or_is_not_ours() {
+    let unhealthy = joint(&[1, 2, 3, 4, 5], &[1, 2, 3, 4, 5])
+        .pod(3, PodState::Terminating)
+        .pod(4, PodState::Running { ready: false })
+        .pod(5, PodState::Pending);
+    let even = joint(&[1, 2, 3, 4], &[1, 2, 3, 4]);
+    let foreign = joint(&[1, 2, 3, 4, 5], &[1, 2, 3, 4, 5]).cluster_id(5, "other");
+    for (w, says) in [
+        (unhealthy, "only 2 of its voters"),
+        (even, "is even"),
+        (foreign, "another cluster"),
+    ] {
+        let p = w.plan(&desired(5));
+        assert!(
+            !p.actions
+                .iter()
+                .any(|a| matches!(a, Action::ChangeVoters { .. })),
+            "{:?}",
+            p.actions
+        );
+        let progressing = cond(&p, ConditionKind::Progressing);
+        assert_eq!(progressing.reason, "JointConsensus");
+        assert!(
+            progressing.message.contains(says),
+            "{}",
+            progressing.message
+        );
+    }
 }
 
 #[test]
