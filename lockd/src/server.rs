@@ -178,7 +178,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            RaftServer::new(PeerService::new(node.clone()))
+            RaftServer::new(PeerService::new(node.clone(), stop_rx.clone()))
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX),
         )

@@ -6,7 +6,9 @@
 //! A member that learns its node id belongs to another data dir stops.
 
 use std::io::Cursor;
+use std::sync::{Arc, Mutex};
 
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use lockd_proto::v1 as pb;
 use lockd_proto::v1::raft_server::Raft as RaftRpc;
@@ -14,64 +16,71 @@ use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{observe, NodeRef};
+use crate::node::LockdNode;
 use crate::raft::network::{decode, encode, REFUSED_MARK};
 use crate::raft::types::{Request as RaftRequest, Snapshot, SnapshotMeta, TypeConfig, Vote};
 
 /// The Raft peer service.
 pub struct PeerService {
     node: NodeRef,
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl PeerService {
-    /// Serves peer traffic on `node`.
-    pub fn new(node: NodeRef) -> PeerService {
-        PeerService { node }
+    /// Serves peer traffic on `node`; replication streams end when
+    /// `stopping` turns true (graceful shutdown waits for open streams).
+    pub fn new(node: NodeRef, stopping: tokio::sync::watch::Receiver<bool>) -> PeerService {
+        PeerService { node, stopping }
     }
 
     fn check(&self, env: &pb::PeerEnvelope) -> Result<(), Status> {
-        let me = &self.node.identity;
-        if env.cluster_id != me.cluster_id {
-            return Err(Status::failed_precondition(format!(
-                "cluster id mismatch: message for cluster {:?} reached a member of cluster {:?}",
-                env.cluster_id, me.cluster_id
-            )));
-        }
-        if env.to_id != me.node_id {
-            return Err(Status::failed_precondition(format!(
-                "message for node {} reached node {}",
-                env.to_id, me.node_id
-            )));
-        }
-        if !env.to_instance.is_empty() && env.to_instance != me.instance {
-            let reason = format!(
+        check(&self.node, env)
+    }
+}
+
+/// Checks a peer message's addressing and identity before openraft sees it.
+fn check(node: &LockdNode, env: &pb::PeerEnvelope) -> Result<(), Status> {
+    let me = &node.identity;
+    if env.cluster_id != me.cluster_id {
+        return Err(Status::failed_precondition(format!(
+            "cluster id mismatch: message for cluster {:?} reached a member of cluster {:?}",
+            env.cluster_id, me.cluster_id
+        )));
+    }
+    if env.to_id != me.node_id {
+        return Err(Status::failed_precondition(format!(
+            "message for node {} reached node {}",
+            env.to_id, me.node_id
+        )));
+    }
+    if !env.to_instance.is_empty() && env.to_instance != me.instance {
+        let reason = format!(
                 "node id {} was {REFUSED_MARK} by this cluster with another data dir (instance {}), but this \
                  member's data dir is instance {}: its disk was wiped or replaced. A member with an empty data \
                  dir must join as a new member with a new id",
                 me.node_id, env.to_instance, me.instance
             );
-            self.node.set_fatal(reason.clone());
-            // Not PERMISSION_DENIED: that code tells the *sender* it is the
-            // stale one, and here the stale one is this member.
-            return Err(Status::failed_precondition(reason));
-        }
-        let bound = self
-            .node
-            .sm
-            .read()
-            .state
-            .instance_of(env.from_id)
-            .map(str::to_string);
-        if let Some(b) = bound {
-            if !env.from_instance.is_empty() && b != env.from_instance {
-                return Err(Status::permission_denied(format!(
+        node.set_fatal(reason.clone());
+        // Not PERMISSION_DENIED: that code tells the *sender* it is the
+        // stale one, and here the stale one is this member.
+        return Err(Status::failed_precondition(reason));
+    }
+    let bound = node
+        .sm
+        .read()
+        .state
+        .instance_of(env.from_id)
+        .map(str::to_string);
+    if let Some(b) = bound {
+        if !env.from_instance.is_empty() && b != env.from_instance {
+            return Err(Status::permission_denied(format!(
                     "node id {} was {REFUSED_MARK} by this cluster with another data dir (instance {b}); \
                      the sender (instance {}) must join as a new member with a new id",
                     env.from_id, env.from_instance
                 )));
-            }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 fn codec(e: impl std::fmt::Display) -> Status {
@@ -104,6 +113,58 @@ impl RaftRpc for PeerService {
             .await
             .map_err(raft_unavailable)?;
         reply(&resp)
+    }
+
+    type StreamAppendStream = BoxStream<'static, Result<pb::PeerReply, Status>>;
+
+    async fn stream_append(
+        &self,
+        req: Request<Streaming<pb::PeerEnvelope>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        let node = self.node.clone();
+        // The first message that fails its check or does not decode ends the
+        // input; openraft answers what came before it, then the stream ends
+        // with that message's status.
+        let refused: Arc<Mutex<Option<Status>>> = Arc::default();
+        let refusal = refused.clone();
+        // On shutdown both directions end: the reply stream, and the request
+        // stream, which openraft would otherwise hold open (graceful shutdown
+        // waits for every open stream).
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let input = req.into_inner().take_until(stopped(self.stopping.clone()));
+        let input = input.scan((), move |_, msg| {
+            let rpc = msg.and_then(|env| {
+                check(&node, &env)?;
+                decode::<AppendEntriesRequest<TypeConfig>>(&env.payload).map_err(codec)
+            });
+            futures::future::ready(match rpc {
+                Ok(rpc) => Some(rpc),
+                Err(status) => {
+                    *refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+                    None
+                }
+            })
+        });
+        let replies = self.node.raft.stream_append(input).map(|r| match r {
+            Ok(result) => encode(&result)
+                .map(|payload| pb::PeerReply { payload })
+                .map_err(|e| Status::internal(e.to_string())),
+            Err(fatal) => Err(raft_unavailable(fatal)),
+        });
+        let end = futures::stream::once(async move {
+            refused
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .map(Err)
+        })
+        .filter_map(futures::future::ready);
+        let replies = replies
+            .chain(end)
+            .take_until(stopped(self.stopping.clone()));
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn vote(

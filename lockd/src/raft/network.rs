@@ -9,23 +9,26 @@
 //! believes the peer has, so a member whose disk was wiped cannot take part
 //! under its old id.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
 
 use lockd_proto::v1::raft_client::RaftClient;
 use lockd_proto::v1::{PeerEnvelope, SnapshotChunk};
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
-use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::network::{stream_append_sequential, RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, OptionalSend};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tonic::transport::{Channel, Endpoint};
 
 use super::sm::StateMachineStore;
@@ -42,6 +45,9 @@ pub const WINDOW: u32 = 8 * 1024 * 1024;
 
 /// Time allowed for an AppendEntries that carries entries.
 const ENTRIES_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time allowed to open a replication stream.
+const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Size of one snapshot chunk on the wire.
 const SNAPSHOT_CHUNK: usize = 1024 * 1024;
@@ -188,6 +194,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             peers: self.peers.clone(),
             target,
             addr: node.addr.clone(),
+            streaming: None,
         }
     }
 }
@@ -197,6 +204,10 @@ pub struct PeerConn {
     peers: Peers,
     target: u64,
     addr: String,
+    /// Whether the peer serves `StreamAppend` (members before it do not),
+    /// learned on first use and again after any transport error, since the
+    /// peer may have been restarted on another version.
+    streaming: Option<bool>,
 }
 
 fn unreachable(e: PeerError) -> RPCError<TypeConfig> {
@@ -206,7 +217,148 @@ fn unreachable(e: PeerError) -> RPCError<TypeConfig> {
     }
 }
 
+/// Requests sent on a replication stream and not answered yet, oldest first.
+#[derive(Default)]
+struct InFlight {
+    sent: Mutex<VecDeque<Instant>>,
+    more: Notify,
+}
+
+impl InFlight {
+    fn push(&self) {
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(Instant::now());
+        self.more.notify_one();
+    }
+
+    fn pop(&self) {
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front();
+    }
+
+    fn oldest(&self) -> Option<Instant> {
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .front()
+            .copied()
+    }
+}
+
+type AppendResults<'s> =
+    BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>;
+
 impl PeerConn {
+    /// Whether the peer serves `StreamAppend`: an empty stream is answered
+    /// with an empty stream by members that do, UNIMPLEMENTED by older ones.
+    async fn probe_streaming(&mut self) -> Result<bool, PeerError> {
+        if let Some(known) = self.streaming {
+            return Ok(known);
+        }
+        let mut client = self.peers.client(&self.addr)?;
+        let call = client.stream_append(futures::stream::empty::<PeerEnvelope>());
+        let status = match tokio::time::timeout(STREAM_SETUP_TIMEOUT, call).await {
+            Err(_) => return Err(PeerError::Timeout(self.addr.clone())),
+            Ok(Ok(mut replies)) => replies.get_mut().message().await.err(),
+            Ok(Err(status)) => Some(status),
+        };
+        let streaming = match status {
+            None => true,
+            Some(s) if s.code() == tonic::Code::Unimplemented => false,
+            Some(status) => {
+                return Err(PeerError::Status {
+                    addr: self.addr.clone(),
+                    status,
+                })
+            }
+        };
+        self.streaming = Some(streaming);
+        Ok(streaming)
+    }
+
+    /// Opens a replication stream whose first request is `first` and the
+    /// rest come from `input`, and returns the replies in order.
+    async fn open_stream<S>(
+        &mut self,
+        first: AppendEntriesRequest<TypeConfig>,
+        input: S,
+    ) -> Result<AppendResults<'static>, PeerError>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        let in_flight = Arc::new(InFlight::default());
+        // The requests end when openraft drops the replies (it has moved on
+        // to another session), so this stream never sends on its behalf.
+        let (replies_alive, replies_dropped) = tokio::sync::oneshot::channel::<()>();
+        let (peers, target, sending) = (self.peers.clone(), self.target, in_flight.clone());
+        // A request that cannot be encoded ends the stream: openraft then
+        // starts a new one from what was acknowledged.
+        let requests = futures::stream::once(futures::future::ready(first))
+            .chain(input)
+            .take_until(replies_dropped)
+            .scan((), move |_, req| {
+                let env = match encode(&req) {
+                    Ok(payload) => {
+                        sending.push();
+                        Some(peers.envelope(target, payload))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "replication stream: cannot encode a request");
+                        None
+                    }
+                };
+                futures::future::ready(env)
+            });
+        let mut client = self.peers.client(&self.addr)?;
+        let replies = tokio::time::timeout(STREAM_SETUP_TIMEOUT, client.stream_append(requests))
+            .await
+            .map_err(|_| PeerError::Timeout(self.addr.clone()))?
+            .map_err(|status| self.status_error(status))?
+            .into_inner();
+        let (peers, addr) = (self.peers.clone(), self.addr.clone());
+        let replies = futures::stream::unfold(Some((replies, replies_alive)), move |state| {
+            let (in_flight, peers, addr) = (in_flight.clone(), peers.clone(), addr.clone());
+            async move {
+                let (mut replies, alive) = state?;
+                loop {
+                    // A reply is due ENTRIES_TIMEOUT after its request was
+                    // sent; while nothing is outstanding, wait for requests.
+                    let due = in_flight.oldest().map(|sent| sent + ENTRIES_TIMEOUT);
+                    let next = tokio::select! {
+                        next = replies.next() => next,
+                        _ = in_flight.more.notified(), if due.is_none() => continue,
+                        _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
+                            return Some((Err(unreachable(PeerError::Timeout(addr))), None));
+                        }
+                    };
+                    return match next {
+                        None => None,
+                        Some(Ok(reply)) => {
+                            in_flight.pop();
+                            match decode::<StreamAppendResult<TypeConfig>>(&reply.payload) {
+                                Ok(result) => Some((Ok(result), Some((replies, alive)))),
+                                Err(e) => Some((Err(unreachable(e)), None)),
+                            }
+                        }
+                        Some(Err(status)) => {
+                            let e = status_error(&peers, &addr, status);
+                            Some((Err(unreachable(e)), None))
+                        }
+                    };
+                }
+            }
+        });
+        Ok(Box::pin(replies))
+    }
+
+    fn status_error(&self, status: tonic::Status) -> PeerError {
+        status_error(&self.peers, &self.addr, status)
+    }
+
     async fn call<Req, Resp, F, Fut>(
         &self,
         req: &Req,
@@ -224,18 +376,20 @@ impl PeerConn {
         let reply = tokio::time::timeout(ttl, f(client, env))
             .await
             .map_err(|_| PeerError::Timeout(self.addr.clone()))?
-            .map_err(|status| {
-                if status.code() == tonic::Code::PermissionDenied
-                    && status.message().contains(REFUSED_MARK)
-                {
-                    self.peers.set_fatal(status.message().to_string());
-                }
-                PeerError::Status {
-                    addr: self.addr.clone(),
-                    status,
-                }
-            })?;
+            .map_err(|status| self.status_error(status))?;
         decode(&reply.into_inner().payload)
+    }
+}
+
+/// The error for a failed peer RPC; a refusal of this member's identity
+/// stops the member.
+fn status_error(peers: &Peers, addr: &str, status: tonic::Status) -> PeerError {
+    if status.code() == tonic::Code::PermissionDenied && status.message().contains(REFUSED_MARK) {
+        peers.set_fatal(status.message().to_string());
+    }
+    PeerError::Status {
+        addr: addr.to_string(),
+        status,
     }
 }
 
@@ -259,6 +413,43 @@ impl RaftNetworkV2<TypeConfig> for PeerConn {
         })
         .await
         .map_err(unreachable)
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<AppendResults<'s>, RPCError<TypeConfig>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let mut input = input;
+            let Some(first) = input.next().await else {
+                return Ok(Box::pin(futures::stream::empty()) as AppendResults<'s>);
+            };
+            // A one-off request (heartbeats come as a one-item stream) is a
+            // plain call; so is everything to a peer without StreamAppend.
+            let one_off = input.size_hint().1 == Some(0);
+            let streaming = !one_off
+                && self
+                    .probe_streaming()
+                    .await
+                    .inspect_err(|_| self.streaming = None)
+                    .map_err(unreachable)?;
+            if !streaming {
+                let rest =
+                    Box::pin(futures::stream::once(futures::future::ready(first)).chain(input));
+                return stream_append_sequential(self, rest, option).await;
+            }
+            match self.open_stream(first, input).await {
+                Ok(replies) => Ok(replies),
+                Err(e) => {
+                    self.streaming = None;
+                    Err(unreachable(e))
+                }
+            }
+        })
     }
 
     async fn vote(
@@ -337,5 +528,134 @@ impl RaftNetworkV2<TypeConfig> for PeerConn {
                 decode(&reply.into_inner().payload).map_err(to_stream)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use lockd_proto::v1::raft_server::{Raft, RaftServer};
+    use lockd_proto::v1::PeerReply;
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+
+    /// A member of a version before `StreamAppend`: it answers appends one
+    /// call at a time.
+    struct EarlierMember {
+        appends: Arc<AtomicUsize>,
+    }
+
+    fn not_served<T>() -> Result<Response<T>, Status> {
+        Err(Status::unimplemented("not served by this version"))
+    }
+
+    #[tonic::async_trait]
+    impl Raft for EarlierMember {
+        async fn append_entries(
+            &self,
+            req: Request<PeerEnvelope>,
+        ) -> Result<Response<PeerReply>, Status> {
+            let _: AppendEntriesRequest<TypeConfig> = decode(&req.into_inner().payload)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            self.appends.fetch_add(1, Ordering::SeqCst);
+            let payload = encode(&AppendEntriesResponse::<TypeConfig>::Success)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            Ok(Response::new(PeerReply { payload }))
+        }
+        type StreamAppendStream = futures::stream::BoxStream<'static, Result<PeerReply, Status>>;
+        async fn stream_append(
+            &self,
+            _: Request<Streaming<PeerEnvelope>>,
+        ) -> Result<Response<Self::StreamAppendStream>, Status> {
+            not_served()
+        }
+        async fn vote(&self, _: Request<PeerEnvelope>) -> Result<Response<PeerReply>, Status> {
+            not_served()
+        }
+        async fn transfer_leader(
+            &self,
+            _: Request<PeerEnvelope>,
+        ) -> Result<Response<PeerReply>, Status> {
+            not_served()
+        }
+        async fn install_snapshot(
+            &self,
+            _: Request<Streaming<SnapshotChunk>>,
+        ) -> Result<Response<PeerReply>, Status> {
+            not_served()
+        }
+        async fn propose(&self, _: Request<PeerEnvelope>) -> Result<Response<PeerReply>, Status> {
+            not_served()
+        }
+        async fn read_index(
+            &self,
+            _: Request<PeerEnvelope>,
+        ) -> Result<Response<PeerReply>, Status> {
+            not_served()
+        }
+        async fn keep_alive(
+            &self,
+            _: Request<PeerEnvelope>,
+        ) -> Result<Response<PeerReply>, Status> {
+            not_served()
+        }
+    }
+
+    fn heartbeat() -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn replicates_to_a_member_without_stream_append_one_call_at_a_time() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let appends = Arc::new(AtomicUsize::new(0));
+        let server = tonic::transport::Server::builder()
+            .add_service(RaftServer::new(EarlierMember {
+                appends: appends.clone(),
+            }))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        let server = tokio::spawn(server);
+
+        let dir = tempfile::tempdir().expect("tmp");
+        let sm = StateMachineStore::open(dir.path().to_path_buf()).expect("sm");
+        let identity = Arc::new(Identity {
+            cluster_id: "c".into(),
+            node_id: 1,
+            instance: "i".into(),
+        });
+        let peers = Peers::new(identity, sm, Duration::from_secs(1));
+        let mut conn = Network::new(peers).new_client(2, &BasicNode { addr }).await;
+
+        // Three requests on a stream that could carry more: the peer refuses
+        // StreamAppend, so each goes as its own AppendEntries call.
+        let input = Box::pin(futures::stream::iter(vec![
+            heartbeat(),
+            heartbeat(),
+            heartbeat(),
+        ]));
+        let results: Vec<_> = conn
+            .stream_append(input, RPCOption::new(Duration::from_secs(1)))
+            .await
+            .expect("stream opens")
+            .collect()
+            .await;
+        assert_eq!(results.len(), 3, "{results:?}");
+        assert!(
+            results.iter().all(|r| matches!(r, Ok(Ok(_)))),
+            "{results:?}"
+        );
+        assert_eq!(appends.load(Ordering::SeqCst), 3);
+        assert_eq!(conn.streaming, Some(false));
+        server.abort();
     }
 }
