@@ -32,6 +32,8 @@ pub const DEFAULT_SESSION_MIN_TTL_MS: u64 = 1_000;
 pub const DEFAULT_SESSION_MAX_TTL_MS: u64 = 300_000;
 /// Default `--snapshot-threshold` (lockd's own default).
 pub const DEFAULT_SNAPSHOT_THRESHOLD: u64 = 10_000;
+/// Default `spec.progressDeadlineSeconds`.
+pub const DEFAULT_PROGRESS_DEADLINE_SECONDS: u64 = 600;
 
 /// Desired state of a LockCluster. Only replicas and version are required;
 /// every other field has a default.
@@ -137,6 +139,16 @@ pub struct LockClusterSpec {
     /// The client Service (default: type ClusterIP).
     #[serde(default)]
     pub service: ServiceSpec,
+
+    /// Seconds a member may stay not ready or not caught up before the
+    /// operator reports it stuck: condition Degraded with reason
+    /// MembersStuck, and Progressing with reason ProgressDeadlineExceeded
+    /// while a step waits on it. The operator still never acts against
+    /// quorum; the report is for a human. Like a Deployment's field of the
+    /// same name (default: 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub progress_deadline_seconds: Option<i32>,
 }
 
 impl LockClusterSpec {
@@ -152,7 +164,18 @@ impl LockClusterSpec {
             lockd: LockdSettings::default(),
             pod: PodOverrides::default(),
             service: ServiceSpec::default(),
+            progress_deadline_seconds: None,
         }
+    }
+
+    /// How long a member may stay unhealthy before it is reported stuck.
+    pub fn progress_deadline(&self) -> std::time::Duration {
+        let secs = self
+            .progress_deadline_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .filter(|s| *s > 0)
+            .unwrap_or(DEFAULT_PROGRESS_DEADLINE_SECONDS);
+        std::time::Duration::from_secs(secs)
     }
 
     /// The container image to run: `spec.image` if set, otherwise

@@ -1,6 +1,6 @@
 //! `LockClusterStatus`: what the operator observed.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -167,6 +167,11 @@ pub struct MemberStatus {
     /// volume and is replaced under a new node id, never readmitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
+
+    /// Since when the member has been continuously not ready or not caught
+    /// up, as first seen by the operator (default: unset while healthy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_since: Option<Time>,
 }
 
 /// Raft role of a member.
@@ -229,6 +234,7 @@ mod tests {
                     ready: true,
                     lag: Some(0),
                     instance_id: Some("a1".into()),
+                    unhealthy_since: None,
                 },
                 MemberStatus {
                     pod: "demo-2".into(),
@@ -238,6 +244,7 @@ mod tests {
                     ready: true,
                     lag: None,
                     instance_id: None,
+                    unhealthy_since: Some(Time(Timestamp::from_second(1_700_000_000).expect("t"))),
                 },
             ],
             current_version: Some("0.1.0".into()),

@@ -572,6 +572,7 @@ impl LocalOperator {
                 bootstrapped: self.bootstrapped,
                 members,
                 raft,
+                unhealthy_for: BTreeMap::new(),
             },
             statuses,
             ready,

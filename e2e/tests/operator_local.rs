@@ -33,6 +33,7 @@ fn desired(replicas: u32, version: &str) -> Desired {
         version: version.to_string(),
         caught_up_lag: 100,
         delete_volume_on_scale_down: true,
+        progress_deadline: Duration::from_secs(600),
     }
 }
 

@@ -353,6 +353,7 @@ pub fn desired(lc: &LockCluster) -> Desired {
         caught_up_lag: CAUGHT_UP_LAG,
         delete_volume_on_scale_down: lc.spec.storage.retention.when_scaled
             == RetentionAction::Delete,
+        progress_deadline: lc.spec.progress_deadline(),
     }
 }
 
@@ -419,12 +420,23 @@ pub fn to_observed(lc: &LockCluster, obs: &Observation, cluster_id: &str) -> Obs
         })
         .collect();
     let max_seen = ids.iter().max().copied().unwrap_or(0);
+    let now = Timestamp::now();
+    let unhealthy_for = status
+        .members
+        .iter()
+        .filter_map(|m| {
+            let since = m.unhealthy_since.as_ref()?.0;
+            let secs = now.duration_since(since).as_secs().max(0);
+            Some((m.node_id, Duration::from_secs(secs.unsigned_abs())))
+        })
+        .collect();
     Observed {
         cluster_id: cluster_id.to_string(),
         next_id: status.next_member_id.unwrap_or(1).max(max_seen + 1).max(1),
         bootstrapped: status.bootstrapped || raft.is_some(),
         members,
         raft,
+        unhealthy_for,
     }
 }
 
@@ -684,10 +696,19 @@ pub fn build_status(
     let view = observed.raft.as_ref();
     let recorded = recorded_instances(lc);
     let ids: BTreeSet<u64> = obs.pods.keys().chain(obs.pvcs.keys()).copied().collect();
+    let now = Time(Timestamp::now());
     let members = ids
         .iter()
         .map(|&id| {
             let pod = obs.pods.get(&id);
+            // Kept from pass to pass while the member stays unhealthy.
+            let unhealthy_since = p.health.unhealthy.contains(&id).then(|| {
+                old.members
+                    .iter()
+                    .find(|m| m.node_id == id)
+                    .and_then(|m| m.unhealthy_since.clone())
+                    .unwrap_or_else(|| now.clone())
+            });
             let role = match view {
                 Some(v) if v.leader == id => MemberRole::Leader,
                 Some(v) if v.voters.contains(&id) => MemberRole::Follower,
@@ -713,11 +734,11 @@ pub fn build_status(
                 ready: matches!(pod_state(pod), PodState::Running { ready: true }),
                 lag: view.and_then(|v| v.lag.get(&id).copied()),
                 instance_id,
+                unhealthy_since,
             }
         })
         .collect::<Vec<_>>();
     let versions: BTreeSet<&String> = members.iter().filter_map(|m| m.version.as_ref()).collect();
-    let now = Time(Timestamp::now());
     let mut conds = old.conditions.clone();
     for c in &p.conditions {
         let (status, reason, message) = match (c.kind, failure) {

@@ -139,6 +139,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::time::Duration;
 
 mod analysis;
 mod report;
@@ -175,6 +176,9 @@ pub struct Desired {
     /// its volume. Volumes of lost and never-initialized members are always
     /// deleted; volumes of foreign members never.
     pub delete_volume_on_scale_down: bool,
+    /// How long a member may stay unhealthy before it is reported stuck
+    /// (never acted on: see [`Health::stuck`]).
+    pub progress_deadline: Duration,
 }
 
 /// State of a member's pod.
@@ -304,6 +308,9 @@ pub struct Observed {
     /// The leader's view; None when no leader is known (not bootstrapped
     /// yet, election in progress or quorum lost).
     pub raft: Option<RaftView>,
+    /// How long members have been unhealthy without a break, as recorded
+    /// by earlier passes (absent: healthy, or first seen unhealthy now).
+    pub unhealthy_for: BTreeMap<NodeId, Duration>,
 }
 
 /// One step for the controller. Actions of one plan are safe to execute
@@ -432,6 +439,12 @@ pub struct Health {
     pub tolerated_failures: u32,
     /// Members (voters, learners, pending members) that are not healthy.
     pub unhealthy: BTreeSet<NodeId>,
+    /// Unhealthy members that have been so for at least
+    /// [`Desired::progress_deadline`]. Reported (Degraded `MembersStuck`,
+    /// Progressing `ProgressDeadlineExceeded`), never acted on: what is
+    /// wrong with a member (a bad image, a full disk, a node that is gone)
+    /// is for a human to judge, and no action is safer than the rules'.
+    pub stuck: BTreeSet<NodeId>,
     /// Lost members (never recreated under their id).
     pub lost: BTreeSet<NodeId>,
     /// Members reporting another cluster id.

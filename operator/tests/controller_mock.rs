@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, PodCondition, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::client::Body;
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Recorder, Reporter};
@@ -1219,6 +1221,57 @@ async fn a_joint_configuration_left_behind_is_finished_through_lockd() {
     let status = written_status(&log);
     assert_eq!(status.phase, LockClusterPhase::Scaling);
     assert_eq!(condition(&status, "Progressing").reason, "ChangingVoters");
+}
+
+#[tokio::test]
+async fn a_member_unhealthy_past_the_deadline_is_reported_stuck_from_its_recorded_start() {
+    let (mut lc, mut pods, pvcs, lockd) = settled_three("0.1.0");
+    // Member 3's pod stopped being ready an hour ago (recorded by an earlier
+    // pass); member 2 carries a stale record from an earlier episode.
+    pods[2] = running_pod(&lc, 3, false);
+    // Whole seconds: the API stores times at second precision.
+    let hour_ago = Timestamp::from_second(Timestamp::now().as_second() - 3_600).expect("time");
+    let hour_ago = Time(hour_ago);
+    let status = lc.status.as_mut().expect("settled status");
+    status.members[2].unhealthy_since = Some(hour_ago.clone());
+    status.members[1].unhealthy_since = Some(hour_ago.clone());
+    let lockd = Arc::new(lockd);
+    let script = Script::default()
+        .observe(&pods, &pvcs)
+        .singletons(stored_singletons(&lc, 2), [false, false, false, true])
+        .status_patch(&lc);
+
+    let (result, log) = run(&lc, script, lockd.clone(), false).await;
+
+    result.expect("pass succeeds");
+    assert!(lockd.acts().is_empty(), "a stuck member is only reported");
+    let status = written_status(&log);
+    let since: Vec<Option<&Time>> = status
+        .members
+        .iter()
+        .map(|m| m.unhealthy_since.as_ref())
+        .collect();
+    assert_eq!(since, [None, None, Some(&hour_ago)]);
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(degraded.status, "True");
+    assert_eq!(degraded.reason, "MembersStuck");
+    assert!(
+        degraded.message.contains("member 3"),
+        "{}",
+        degraded.message
+    );
+
+    // The deadline is the spec's: an hour is within a two-hour deadline.
+    lc.spec.progress_deadline_seconds = Some(7_200);
+    let script = Script::default()
+        .observe(&pods, &pvcs)
+        .singletons(stored_singletons(&lc, 2), [false, false, false, true])
+        .status_patch(&lc);
+    let (result, log) = run(&lc, script, lockd.clone(), false).await;
+    result.expect("pass succeeds");
+    let status = written_status(&log);
+    assert_eq!(status.members[2].unhealthy_since.as_ref(), Some(&hour_ago));
+    assert_ne!(condition(&status, "Degraded").reason, "MembersStuck");
 }
 
 // ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 //! deterministic model of the cluster until it converges.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use lockd_operator::plan::{
     plan, quorum, Action, ConditionKind, Desired, MemberStatus, NodeId, Observed, ObservedMember,
@@ -521,6 +522,7 @@ fn desired_strategy() -> impl Strategy<Value = Desired> {
             },
             caught_up_lag: 10,
             delete_volume_on_scale_down: delete_volume,
+            progress_deadline: Duration::from_secs(600),
         })
 }
 
@@ -664,6 +666,7 @@ fn build_observed(
         bootstrapped,
         members,
         raft,
+        unhealthy_for: BTreeMap::new(),
     }
 }
 
@@ -734,6 +737,7 @@ impl Sim {
                 lag: self.lag.clone(),
                 commit_index: 10,
             }),
+            unhealthy_for: BTreeMap::new(),
         }
     }
 
@@ -1048,6 +1052,7 @@ fn desired_of(replicas: u32, v1: bool, delete_volume: bool) -> Desired {
         version: version(v1),
         caught_up_lag: 10,
         delete_volume_on_scale_down: delete_volume,
+        progress_deadline: Duration::from_secs(600),
     }
 }
 
@@ -1141,6 +1146,20 @@ proptest! {
         }
         prop_assert_eq!(&plan(&d, &shuffled), &p);
         prop_assert_eq!(&plan(&d, &o), &p);
+        // Members stuck past the deadline are reported, never acted on.
+        let mut stuck = o.clone();
+        let raft_ids = o.raft.iter().flat_map(|r| r.voters.iter().chain(&r.learners));
+        stuck.unhealthy_for = o
+            .members
+            .iter()
+            .map(|m| &m.id)
+            .chain(raft_ids)
+            .map(|id| (*id, d.progress_deadline))
+            .collect();
+        let s = plan(&d, &stuck);
+        prop_assert_eq!(&s.actions, &p.actions);
+        prop_assert_eq!(s.pdb_min_available, p.pdb_min_available);
+        prop_assert_eq!(&s.health.stuck, &p.health.unhealthy);
     }
 
     /// Every invariant holds for realistic states too.

@@ -25,7 +25,18 @@ pub(super) fn finish(a: &Analysis<'_>, p: Planner<'_, '_>) -> Plan {
 fn health(a: &Analysis<'_>) -> Health {
     let quorum = if a.raft.is_some() { a.quorum() } else { 0 };
     let unhealthy = a.unhealthy_or_pending();
+    let stuck = unhealthy
+        .iter()
+        .copied()
+        .filter(|id| {
+            a.observed
+                .unhealthy_for
+                .get(id)
+                .is_some_and(|d| *d >= a.desired.progress_deadline)
+        })
+        .collect();
     Health {
+        stuck,
         leader: a.leader(),
         voters: a.voters.clone(),
         learners: a.learners.clone(),
@@ -115,7 +126,7 @@ fn conditions(a: &Analysis<'_>, p: &Planner<'_, '_>, h: &Health) -> Vec<Conditio
             let (status, reason, message) = match kind {
                 ConditionKind::Available => available(a, h),
                 ConditionKind::Progressing => progressing(a, p, h),
-                ConditionKind::Degraded => degraded(p, h),
+                ConditionKind::Degraded => degraded(a, p, h),
                 ConditionKind::QuorumAtRisk => quorum_at_risk(a, h),
                 ConditionKind::ClusterIDMismatch => mismatch(a),
                 ConditionKind::InvalidSpec => match &a.spec_error {
@@ -227,6 +238,13 @@ fn progressing(a: &Analysis<'_>, p: &Planner<'_, '_>, h: &Health) -> Cond {
             ),
         );
     }
+    if !h.stuck.is_empty() {
+        return (
+            false,
+            "ProgressDeadlineExceeded",
+            format!("{}; still waiting", stuck_message(a, h)),
+        );
+    }
     let message = if h.unhealthy.is_empty() {
         "waiting for the cluster to settle".to_string()
     } else {
@@ -238,7 +256,17 @@ fn progressing(a: &Analysis<'_>, p: &Planner<'_, '_>, h: &Health) -> Cond {
     (false, "Waiting", message)
 }
 
-fn degraded(p: &Planner<'_, '_>, h: &Health) -> Cond {
+/// Names the stuck members and the deadline they passed.
+fn stuck_message(a: &Analysis<'_>, h: &Health) -> String {
+    let verb = if h.stuck.len() == 1 { "has" } else { "have" };
+    format!(
+        "{} {verb} not been ready and caught up for over {}s (progressDeadlineSeconds)",
+        named("member", &h.stuck),
+        a.desired.progress_deadline.as_secs()
+    )
+}
+
+fn degraded(a: &Analysis<'_>, p: &Planner<'_, '_>, h: &Health) -> Cond {
     if p.mode == Mode::QuorumLost {
         return (
             true,
@@ -251,6 +279,9 @@ fn degraded(p: &Planner<'_, '_>, h: &Health) -> Cond {
     }
     if let Some(b) = p.blocks.first() {
         return (true, b.reason, b.message.clone());
+    }
+    if !h.stuck.is_empty() {
+        return (true, "MembersStuck", stuck_message(a, h));
     }
     if !h.lost.is_empty() {
         return (

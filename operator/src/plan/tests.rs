@@ -1,6 +1,7 @@
 //! Unit tests, one group per rule of the parent module's docs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use super::*;
 
@@ -13,6 +14,7 @@ fn desired(replicas: u32) -> Desired {
         version: V1.to_string(),
         caught_up_lag: 10,
         delete_volume_on_scale_down: true,
+        progress_deadline: Duration::from_secs(600),
     }
 }
 
@@ -32,6 +34,7 @@ impl W {
             bootstrapped: false,
             members: Vec::new(),
             raft: None,
+            unhealthy_for: BTreeMap::new(),
         })
     }
 
@@ -1014,6 +1017,46 @@ fn joint_state_waits_when_its_target_cannot_commit_or_is_not_ours() {
             progressing.message
         );
     }
+}
+
+#[test]
+fn members_unhealthy_past_the_deadline_are_reported_stuck_and_nothing_else_changes() {
+    // Scaling 3 -> 5: learner 4 caught up, learner 5 far behind.
+    let base = W::cluster(&[1, 2, 3], 1).learner(4, 0).learner(5, 5_000);
+    let before = base.plan(&desired(5));
+    assert!(!cond(&before, ConditionKind::Degraded).status);
+    assert!(before.health.stuck.is_empty());
+
+    let mut w = base.clone();
+    w.0.unhealthy_for.insert(5, Duration::from_secs(601));
+    // A stale entry of a member that is healthy again does not count.
+    w.0.unhealthy_for.insert(4, Duration::from_secs(3_600));
+    let p = w.plan(&desired(5));
+    assert_eq!(p.health.stuck, set(&[5]));
+    assert_eq!(p.actions, before.actions, "stuck members are only reported");
+    assert_eq!(p.pdb_min_available, before.pdb_min_available);
+    let degraded = cond(&p, ConditionKind::Degraded);
+    assert!(degraded.status);
+    assert_eq!(degraded.reason, "MembersStuck");
+    assert!(
+        degraded.message.contains("member 5") && degraded.message.contains("600s"),
+        "{}",
+        degraded.message
+    );
+    assert_eq!(
+        cond(&p, ConditionKind::Progressing).reason,
+        "ProgressDeadlineExceeded"
+    );
+
+    // Short of the deadline: waiting, not stuck.
+    let mut w = base;
+    w.0.unhealthy_for.insert(5, Duration::from_secs(599));
+    let p = w.plan(&desired(5));
+    assert!(p.health.stuck.is_empty());
+    assert_eq!(
+        cond(&p, ConditionKind::Progressing),
+        cond(&before, ConditionKind::Progressing)
+    );
 }
 
 #[test]
