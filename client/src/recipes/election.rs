@@ -885,8 +885,20 @@ impl LeaderObserver {
             let l = match self.client.list(self.dir.clone()).await {
                 Ok(l) => l,
                 Err(Error::NotFound(_)) => {
-                    let r = self.client.get("/").await?;
-                    return Ok((None, r.header.map_or(0, |h| h.revision)));
+                    // A missing directory has no revision of its own. The
+                    // revision read *before* a second look bounds what the
+                    // watch must replay: if the directory is still missing,
+                    // whatever creates it comes after that revision. (The
+                    // revision read after the first look could already
+                    // include the directory and its candidates, and a watch
+                    // from there would never report them.)
+                    let before = self.client.get("/").await?;
+                    let rev = before.header.map_or(0, |h| h.revision);
+                    match self.client.list(self.dir.clone()).await {
+                        Err(Error::NotFound(_)) => return Ok((None, rev)),
+                        Ok(_) => continue,
+                        Err(e) => return Err(e),
+                    }
                 }
                 Err(e) => return Err(e),
             };
