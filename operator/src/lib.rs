@@ -1,5 +1,6 @@
 //! The LockCluster operator.
 
+pub mod api_requests;
 pub mod controller;
 pub mod lease;
 pub mod lockd_admin;

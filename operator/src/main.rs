@@ -21,6 +21,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{watcher, Controller};
 use kube::Client;
 use lockd_crds::{names, LockCluster};
+use lockd_operator::api_requests::CountRequests;
 use lockd_operator::controller::GrpcLockd;
 use lockd_operator::controller::{self, Context};
 use lockd_operator::lease::{self, LeaseConfig};
@@ -83,10 +84,14 @@ fn identity(args: &Args) -> String {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let client = Client::try_default()
+    let metrics = Arc::new(Metrics::default());
+    let config = kube::Config::infer()
         .await
         .context("connecting to the Kubernetes API (kubeconfig or in-cluster config)")?;
-    let metrics = Arc::new(Metrics::default());
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("building the Kubernetes client")?
+        .with_layer(&CountRequests::new(metrics.api_requests.clone()))
+        .build();
     serve_http(args.http_listen, metrics.clone()).await?;
     let me = identity(&args);
 

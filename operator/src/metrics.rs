@@ -15,6 +15,9 @@ pub struct Metrics {
     pub actions: Family<Vec<(String, String)>, Counter>,
     /// 1 while this replica holds the leader lease.
     pub leader: Gauge,
+    /// Requests to the Kubernetes API by verb and resource (see
+    /// [`crate::api_requests`]).
+    pub api_requests: crate::api_requests::RequestCounts,
 }
 
 impl Default for Metrics {
@@ -23,6 +26,7 @@ impl Default for Metrics {
         let reconciles = Family::default();
         let actions = Family::default();
         let leader = Gauge::default();
+        let api_requests = crate::api_requests::RequestCounts::default();
         registry.register(
             "reconciles",
             "Reconcile passes by result",
@@ -30,11 +34,17 @@ impl Default for Metrics {
         );
         registry.register("actions", "Executed plan actions by kind", actions.clone());
         registry.register("leader", "1 while this replica leads", leader.clone());
+        registry.register(
+            "api_requests",
+            "Requests to the Kubernetes API by verb and resource",
+            api_requests.clone(),
+        );
         Metrics {
             registry,
             reconciles,
             actions,
             leader,
+            api_requests,
         }
     }
 }
