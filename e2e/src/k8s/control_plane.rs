@@ -214,6 +214,11 @@ impl ControlPlane {
         Ok(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)
     }
 
+    /// The kubectl binary built with the control plane.
+    pub fn kubectl_path(&self) -> PathBuf {
+        self.bin.join("kubectl")
+    }
+
     /// `kubectl --kubeconfig=<admin>`, ready for arguments; output piped.
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new(self.bin.join("kubectl"));

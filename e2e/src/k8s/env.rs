@@ -1,6 +1,9 @@
 //! The environment the Kubernetes scenarios share within one test binary:
 //! one control plane, one test kubelet, the CRD and manifests/ installed with
 //! kubectl exactly as the README says, and the operator Deployment running.
+//! With `LOCKD_E2E_KUBECONFIG` set, an existing cluster (kind, or a real
+//! one) takes the place of the control plane and test kubelet; the README
+//! says what it needs.
 //!
 //! It is started once, on a runtime of its own that lives as long as the
 //! process (child processes are tied to the threads that spawned them), and
@@ -30,13 +33,27 @@ pub const OPERATOR_USER: &str = "system:serviceaccount:lockd-system:lockd-operat
 /// Name of the test kubelet's Node.
 pub const NODE_NAME: &str = "e2e-node";
 
+/// Names the kubeconfig of an existing cluster (kind, or a real one) to run
+/// the scenarios against instead of the local control plane and test
+/// kubelet (see the README).
+pub const KUBECONFIG_ENV: &str = "LOCKD_E2E_KUBECONFIG";
+
 /// Everything a scenario talks to.
 pub struct K8sEnv {
-    pub cp: ControlPlane,
-    pub kubelet: TestKubelet,
+    /// The local control plane and test kubelet; None against an existing
+    /// cluster.
+    local: Option<Local>,
+    /// kubectl and the kubeconfig it uses, against an existing cluster.
+    external: Option<(PathBuf, PathBuf)>,
+    serial: Mutex<()>,
+}
+
+/// The control plane and test kubelet this process runs.
+struct Local {
+    cp: ControlPlane,
+    kubelet: TestKubelet,
     root: PathBuf,
     etcd_dir: PathBuf,
-    serial: Mutex<()>,
 }
 
 static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -73,7 +90,10 @@ pub async fn shared() -> &'static K8sEnv {
 }
 
 extern "C" fn teardown() {
-    if let Some(Ok(env)) = ENV.get() {
+    if let Some(Ok(K8sEnv {
+        local: Some(env), ..
+    })) = ENV.get()
+    {
         env.kubelet.shutdown();
         env.cp.shutdown();
         if std::env::var_os("LOCKD_E2E_KEEP").is_none() {
@@ -87,6 +107,27 @@ extern "C" fn teardown() {
 
 impl K8sEnv {
     async fn start() -> Result<K8sEnv> {
+        if let Some(kubeconfig) = std::env::var_os(KUBECONFIG_ENV) {
+            return Self::start_external(PathBuf::from(kubeconfig)).await;
+        }
+        Self::start_local().await
+    }
+
+    /// Against an existing cluster: installs the CRD and manifests there
+    /// with kubectl (`LOCKD_E2E_KUBECTL`, default `kubectl` on the PATH).
+    async fn start_external(kubeconfig: PathBuf) -> Result<K8sEnv> {
+        let kubectl = std::env::var_os("LOCKD_E2E_KUBECTL")
+            .map_or_else(|| PathBuf::from("kubectl"), PathBuf::from);
+        let env = K8sEnv {
+            local: None,
+            external: Some((kubectl, kubeconfig)),
+            serial: Mutex::new(()),
+        };
+        env.install().await?;
+        Ok(env)
+    }
+
+    async fn start_local() -> Result<K8sEnv> {
         // The test kubelet gives each Pod its own mount namespace.
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
@@ -155,15 +196,17 @@ impl K8sEnv {
         )
         .await?;
         let env = K8sEnv {
-            cp,
-            kubelet,
-            root,
-            etcd_dir,
+            local: Some(Local {
+                cp,
+                kubelet,
+                root,
+                etcd_dir,
+            }),
+            external: None,
             serial: Mutex::new(()),
         };
         if let Err(e) = env.install().await {
-            env.cp.dump_logs();
-            env.kubelet.dump_logs();
+            env.dump_logs();
             return Err(e);
         }
         Ok(env)
@@ -204,9 +247,36 @@ impl K8sEnv {
         self.serial.lock().await
     }
 
+    /// The kubeconfig and kubectl of the local control plane (None against
+    /// an existing cluster): what another process needs to run the
+    /// scenarios against this one as an existing cluster.
+    pub fn local_access(&self) -> Option<(PathBuf, PathBuf)> {
+        let local = self.local.as_ref()?;
+        Some((local.cp.kubeconfig.clone(), local.cp.kubectl_path()))
+    }
+
+    /// Whether the scenarios run on this process's own control plane and
+    /// test kubelet (which also means an audit log of every write).
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
+
+    async fn config(&self) -> Result<kube::Config> {
+        match (&self.local, &self.external) {
+            (Some(l), _) => l.cp.config().await,
+            (None, Some((_, kubeconfig))) => {
+                let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+                let options = kube::config::KubeConfigOptions::default();
+                Ok(kube::Config::from_custom_kubeconfig(kc, &options).await?)
+            }
+            (None, None) => bail!("no cluster"),
+        }
+    }
+
     /// An admin client.
     pub async fn client(&self) -> Client {
-        match self.cp.client().await {
+        let client = self.config().await.and_then(|c| Ok(Client::try_from(c)?));
+        match client {
             Ok(c) => c,
             Err(e) => panic!("admin client: {e:#}"),
         }
@@ -216,7 +286,7 @@ impl K8sEnv {
     /// (kube's default does): for calls whose refusal is the point, such
     /// as an eviction against a PodDisruptionBudget.
     pub async fn client_without_retries(&self) -> Client {
-        let client = self.cp.config().await.and_then(|mut c| {
+        let client = self.config().await.and_then(|mut c| {
             c.default_retry = false;
             Ok(Client::try_from(c)?)
         });
@@ -238,7 +308,20 @@ impl K8sEnv {
         stdin: Option<&str>,
     ) -> Result<(bool, String, String)> {
         use tokio::io::AsyncWriteExt;
-        let mut cmd = self.cp.kubectl();
+        let mut cmd = match (&self.local, &self.external) {
+            (Some(l), _) => l.cp.kubectl(),
+            (None, Some((kubectl, kubeconfig))) => {
+                let mut cmd = tokio::process::Command::new(kubectl);
+                cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
+                    .env_remove("KUBECONFIG")
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .kill_on_drop(true);
+                cmd
+            }
+            (None, None) => bail!("no cluster"),
+        };
         cmd.args(args);
         if stdin.is_some() {
             cmd.stdin(std::process::Stdio::piped());
@@ -291,17 +374,22 @@ impl K8sEnv {
     }
 
     /// A mark in the audit log: [`K8sEnv::writes_by`] counts from here.
-    pub fn audit_mark(&self) -> usize {
-        match self.cp.audit_events() {
-            Ok(e) => e.len(),
+    /// None against an existing cluster, whose audit log is not ours.
+    pub fn audit_mark(&self) -> Option<usize> {
+        let local = self.local.as_ref()?;
+        match local.cp.audit_events() {
+            Ok(e) => Some(e.len()),
             Err(e) => panic!("read the audit log: {e:#}"),
         }
     }
 
     /// The audit events (one per completed write) by `user` in `namespace`
-    /// after `mark`.
+    /// after `mark` (from [`K8sEnv::audit_mark`]).
     pub fn writes_by(&self, user: &str, namespace: &str, mark: usize) -> Vec<serde_json::Value> {
-        let events = match self.cp.audit_events() {
+        let Some(local) = &self.local else {
+            panic!("no audit log against an existing cluster");
+        };
+        let events = match local.cp.audit_events() {
             Ok(e) => e,
             Err(e) => panic!("read the audit log: {e:#}"),
         };
@@ -314,7 +402,9 @@ impl K8sEnv {
 
     /// Prints the control plane's and every pod's logs (on failure).
     pub fn dump_logs(&self) {
-        self.cp.dump_logs();
-        self.kubelet.dump_logs();
+        if let Some(local) = &self.local {
+            local.cp.dump_logs();
+            local.kubelet.dump_logs();
+        }
     }
 }
