@@ -194,7 +194,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             peers: self.peers.clone(),
             target,
             addr: node.addr.clone(),
-            streaming: None,
+            serves_streams: false,
         }
     }
 }
@@ -204,10 +204,11 @@ pub struct PeerConn {
     peers: Peers,
     target: u64,
     addr: String,
-    /// Whether the peer serves `StreamAppend` (members before it do not),
-    /// learned on first use and again after any transport error, since the
-    /// peer may have been restarted on another version.
-    streaming: Option<bool>,
+    /// Set once the peer has served `StreamAppend`; cleared by a transport
+    /// error, since the peer may have been restarted on another version. A
+    /// peer that answers UNIMPLEMENTED (an earlier version) is asked again
+    /// at the next replication session, so it gets streams once upgraded.
+    serves_streams: bool,
 }
 
 fn unreachable(e: PeerError) -> RPCError<TypeConfig> {
@@ -256,8 +257,8 @@ impl PeerConn {
     /// Whether the peer serves `StreamAppend`: an empty stream is answered
     /// with an empty stream by members that do, UNIMPLEMENTED by older ones.
     async fn probe_streaming(&mut self) -> Result<bool, PeerError> {
-        if let Some(known) = self.streaming {
-            return Ok(known);
+        if self.serves_streams {
+            return Ok(true);
         }
         let mut client = self.peers.client(&self.addr)?;
         let call = client.stream_append(futures::stream::empty::<PeerEnvelope>());
@@ -276,7 +277,7 @@ impl PeerConn {
                 })
             }
         };
-        self.streaming = Some(streaming);
+        self.serves_streams = streaming;
         Ok(streaming)
     }
 
@@ -435,7 +436,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConn {
                 && self
                     .probe_streaming()
                     .await
-                    .inspect_err(|_| self.streaming = None)
+                    .inspect_err(|_| self.serves_streams = false)
                     .map_err(unreachable)?;
             if !streaming {
                 let rest =
@@ -445,7 +446,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConn {
             match self.open_stream(first, input).await {
                 Ok(replies) => Ok(replies),
                 Err(e) => {
-                    self.streaming = None;
+                    self.serves_streams = false;
                     Err(unreachable(e))
                 }
             }
@@ -655,7 +656,8 @@ mod tests {
             "{results:?}"
         );
         assert_eq!(appends.load(Ordering::SeqCst), 3);
-        assert_eq!(conn.streaming, Some(false));
+        // Not remembered: the peer may be upgraded before the next session.
+        assert!(!conn.serves_streams);
         server.abort();
     }
 }
