@@ -210,8 +210,7 @@ impl ControlPlane {
 
     /// The admin client's configuration.
     pub async fn config(&self) -> Result<Config> {
-        let kc = Kubeconfig::read_from(&self.kubeconfig)?;
-        Ok(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)
+        config_from(&self.kubeconfig).await
     }
 
     /// The kubectl binary built with the control plane.
@@ -221,14 +220,7 @@ impl ControlPlane {
 
     /// `kubectl --kubeconfig=<admin>`, ready for arguments; output piped.
     pub fn kubectl(&self) -> Command {
-        let mut cmd = Command::new(self.bin.join("kubectl"));
-        cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
-            .env_remove("KUBECONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        cmd
+        kubectl_command(&self.kubectl_path(), &self.kubeconfig)
     }
 
     /// Every audit event (one per completed write request) so far.
@@ -428,4 +420,23 @@ current-context: e2e
 ",
         ca = ca.display()
     )
+}
+
+/// A client configuration from a kubeconfig file (its current context).
+pub async fn config_from(kubeconfig: &Path) -> Result<Config> {
+    let kc = Kubeconfig::read_from(kubeconfig)?;
+    Ok(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)
+}
+
+/// `kubectl --kubeconfig=<kubeconfig>` (never `$KUBECONFIG`), ready for
+/// arguments; output piped.
+pub fn kubectl_command(kubectl: &Path, kubeconfig: &Path) -> Command {
+    let mut cmd = Command::new(kubectl);
+    cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .env_remove("KUBECONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
 }

@@ -23,7 +23,7 @@ use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
 use tokio::sync::{Mutex, MutexGuard, OnceCell};
 
-use super::control_plane::ControlPlane;
+use super::control_plane::{config_from, kubectl_command, ControlPlane};
 use super::kubelet::{KubeletConfig, TestKubelet};
 
 /// Namespace of the operator (manifests/namespace.yaml).
@@ -264,11 +264,7 @@ impl K8sEnv {
     async fn config(&self) -> Result<kube::Config> {
         match (&self.local, &self.external) {
             (Some(l), _) => l.cp.config().await,
-            (None, Some((_, kubeconfig))) => {
-                let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
-                let options = kube::config::KubeConfigOptions::default();
-                Ok(kube::Config::from_custom_kubeconfig(kc, &options).await?)
-            }
+            (None, Some((_, kubeconfig))) => config_from(kubeconfig).await,
             (None, None) => bail!("no cluster"),
         }
     }
@@ -310,16 +306,7 @@ impl K8sEnv {
         use tokio::io::AsyncWriteExt;
         let mut cmd = match (&self.local, &self.external) {
             (Some(l), _) => l.cp.kubectl(),
-            (None, Some((kubectl, kubeconfig))) => {
-                let mut cmd = tokio::process::Command::new(kubectl);
-                cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
-                    .env_remove("KUBECONFIG")
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::piped())
-                    .kill_on_drop(true);
-                cmd
-            }
+            (None, Some((kubectl, kubeconfig))) => kubectl_command(kubectl, kubeconfig),
             (None, None) => bail!("no cluster"),
         };
         cmd.args(args);
